@@ -1,0 +1,97 @@
+"""Our checkpoint directory: what training writes, and what the quantizer and conversion read.
+
+Layout::
+
+    model_config.json   the ModelConfig (components and sizes)
+    model.safetensors   the weights (tied tensors stored once)
+    tokenizer.json      the model's own tokenizer (Hugging Face tokenizers format)
+    head.json           task metadata: labels, pooling, max length, where the weights came from
+
+Weights are read only through safetensors: no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from training.config import ModelConfig
+from training.model import Model
+
+CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+HEAD_FILE = "head.json"
+
+
+class HeadInfo(BaseModel):
+    """What a server needs to know about the task head beyond the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    labels: list[str] | None = None
+    max_length: int = 512
+    text_pair: bool = False
+    source: str = ""
+
+
+@dataclass
+class Checkpoint:
+    model: Model
+    head: HeadInfo
+    tokenizer: Tokenizer
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Tokenizer) -> Path:
+    """Write a checkpoint; files land in a temp dir first and replace ``out_dir`` in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(model.config.to_json())
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        (tmp / HEAD_FILE).write_text(head.model_dump_json(indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, HEAD_FILE) if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a sampserve checkpoint: missing {', '.join(missing)}")
+    config = ModelConfig.model_validate(json.loads((path / CONFIG_FILE).read_text()))
+    model = Model(config)
+    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    model.eval()
+    head = HeadInfo.model_validate(json.loads((path / HEAD_FILE).read_text()))
+    return Checkpoint(model=model, head=head, tokenizer=Tokenizer.from_file(str(path / TOKENIZER_FILE)), path=path)

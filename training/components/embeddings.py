@@ -1,0 +1,131 @@
+"""Embedding parts (summed) and the embedding layer that combines them.
+
+Each part takes the token ids (and segment ids) and returns (B, T, hidden). The same classes serve
+as the source embedding and the decoder's target embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.components.layers import sinusoidal_table
+from training.config import EmbeddingConfig, ModelConfig
+
+
+class WordEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.weight = nn.Embedding(config.vocab_size, config.hidden_size).weight
+
+    def forward(self, input_ids: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.weight)
+
+
+class FactorizedWordEmbedding(nn.Module):
+    """ALBERT-style bottleneck: a narrow vocabulary table projected up to the hidden size."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        if emb.embedding_size is None:
+            raise ValueError("embedding part 'factorized_word' needs embedding.embedding_size")
+        self.weight = nn.Embedding(config.vocab_size, emb.embedding_size).weight
+        self.projection = nn.Linear(emb.embedding_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        return self.projection(nn.functional.embedding(input_ids, self.weight))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions; RoBERTa-style padding-aware positions when configured."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.padding_idx = emb.position_padding_idx
+        self.pad_token_id = config.pad_token_id
+        self.weight = nn.Embedding(emb.max_position, config.hidden_size).weight
+
+    def positions(self, input_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if self.padding_idx is None:
+            return torch.arange(offset, offset + length, device=input_ids.device)[None, :]
+        # Count only real tokens; pads keep the padding index (as XLM-R/RoBERTa do).
+        real = input_ids.ne(self.pad_token_id).long()
+        return (torch.cumsum(real, dim=1) + offset) * real + self.padding_idx
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0, **_: torch.Tensor) -> torch.Tensor:
+        # No data-dependent length check here: it would break ONNX tracing. Callers truncate.
+        positions = self.positions(input_ids, position_offset)
+        return nn.functional.embedding(positions, self.weight)
+
+
+class SinusoidalPositionEmbedding(nn.Module):
+    """Fixed sin/cos positions: no parameters, any length up to max_position."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(emb.max_position, config.hidden_size), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0, **_: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        return self.table[position_offset : position_offset + length][None, :, :].expand(
+            input_ids.shape[0], -1, -1
+        )
+
+
+class SegmentEmbedding(nn.Module):
+    """Token-type (sentence A / B) embedding."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.weight = nn.Embedding(emb.type_vocab_size, config.hidden_size).weight
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, **_: torch.Tensor
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return nn.functional.embedding(token_type_ids, self.weight)
+
+
+EMBEDDINGS: dict[str, type[nn.Module]] = {
+    "word": WordEmbedding,
+    "factorized_word": FactorizedWordEmbedding,
+    "pos": PositionEmbedding,
+    "sinusoidal_pos": SinusoidalPositionEmbedding,
+    "seg": SegmentEmbedding,
+}
+
+
+class Embedding(nn.Module):
+    """Sum of the configured parts, then optional scale, layer norm and dropout."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({name: EMBEDDINGS[name](config, emb) for name in emb.parts})
+        self.scale = config.hidden_size**0.5 if emb.scale else 1.0
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if emb.layernorm else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def word(self) -> nn.Module:
+        for name in ("word", "factorized_word"):
+            if name in self.parts:
+                return self.parts[name]
+        raise KeyError("this embedding has no word part")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_offset: int = 0,
+    ) -> torch.Tensor:
+        out = None
+        for name, part in self.parts.items():
+            value = part(input_ids, token_type_ids=token_type_ids, position_offset=position_offset)
+            if name in ("word", "factorized_word"):
+                value = value * self.scale
+            out = value if out is None else out + value
+        if self.layernorm is not None:
+            out = self.layernorm(out)
+        return self.dropout(out)

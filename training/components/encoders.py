@@ -1,0 +1,89 @@
+"""Encoders: stacks of transformer layers over the embedded tokens.
+
+One class covers post-LN (BERT), pre-LN (GPT-2), T5's relative position bias and cross-layer
+parameter sharing ("parameter recurrence": one layer's weights applied num_layers times). A causal
+encoder is GPT-2's decoder-only stack; it keeps a key/value cache for generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.components.layers import (
+    LayerCache,
+    RelativePositionBias,
+    TransformerLayer,
+    causal_bias,
+    make_layernorm,
+    padding_bias,
+)
+from training.config import ModelConfig, StackConfig
+
+
+@dataclass
+class StackOutput:
+    hidden: torch.Tensor  # (B, T, hidden)
+    cache: list[LayerCache] | None = None
+
+
+class TransformerStack(nn.Module):
+    def __init__(self, config: ModelConfig, stack: StackConfig) -> None:
+        super().__init__()
+        self.stack = stack
+        self.num_layers = stack.num_layers
+        count = 1 if stack.parameter_sharing else stack.num_layers
+        self.layers = nn.ModuleList(TransformerLayer(config, stack) for _ in range(count))
+        self.relative_bias = (
+            RelativePositionBias(config.num_heads, stack) if stack.relative_position else None
+        )
+        self.final_norm = (
+            make_layernorm(stack.layernorm, config.hidden_size, config.layer_norm_eps)
+            if stack.has_final_layernorm
+            else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def layer(self, index: int) -> TransformerLayer:
+        return self.layers[0 if self.stack.parameter_sharing else index]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past: list[LayerCache] | None = None,
+        use_cache: bool = False,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> StackOutput:
+        """x: (B, Tq, H). attention_mask: (B, past+Tq) of 1/0 over the keys this stack attends to."""
+        batch, query_length, _ = x.shape
+        past_length = past[0][0].shape[2] if past else 0
+        key_length = past_length + query_length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, key_length, dtype=torch.long, device=x.device)
+        bias = padding_bias(attention_mask, x.dtype)  # (B, 1, 1, Tk)
+        if self.stack.causal:
+            bias = bias + causal_bias(query_length, key_length, x.device, x.dtype)
+        if self.relative_bias is not None:
+            bias = bias + self.relative_bias(query_length, key_length, past_length, x.device).to(x.dtype)
+        cross_bias = None
+        if self.stack.cross_attention:
+            if memory_mask is None:
+                raise ValueError("cross-attention needs the encoder's attention mask")
+            cross_bias = padding_bias(memory_mask, x.dtype)
+        new_cache: list[LayerCache] = []
+        for i in range(self.num_layers):
+            x, layer_cache = self.layer(i)(
+                x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias
+            )
+            if use_cache:
+                new_cache.append(layer_cache)
+        if self.final_norm is not None:
+            x = self.dropout(self.final_norm(x))
+        return StackOutput(hidden=x, cache=new_cache if use_cache else None)
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"transformer": TransformerStack}

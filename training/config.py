@@ -1,0 +1,137 @@
+"""The model config: one JSON file names every component and its sizes.
+
+A model is ``embedding -> encoder -> [target_embedding -> decoder] -> target``; each part is
+picked by name from its registry (``training.components``). Configs are validated here, at the
+edge, so a typo in a component name fails when the file is read, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddingConfig(_Strict):
+    """Token representation before the encoder (or decoder): a sum of named parts."""
+
+    parts: tuple[str, ...] = Field(("word", "pos", "seg"), description="Names from EMBEDDINGS, summed.")
+    embedding_size: int | None = Field(
+        None, description="Factorized ('bottleneck') word embedding width; projected up to hidden_size."
+    )
+    max_position: int = 512
+    type_vocab_size: int = 2
+    position_padding_idx: int | None = Field(
+        None, description="RoBERTa/XLM-R positions: count only non-pad tokens, offset by this index."
+    )
+    layernorm: bool = True
+    scale: bool = Field(False, description="Multiply word embeddings by sqrt(hidden_size).")
+
+
+class StackConfig(_Strict):
+    """A stack of transformer layers: the encoder, or the decoder when cross_attention is set."""
+
+    name: str = "transformer"
+    num_layers: int
+    layernorm_positioning: Literal["post", "pre"] = "post"
+    layernorm: Literal["normal", "rms"] = "normal"
+    feed_forward: Literal["dense", "gated"] = "dense"
+    activation: str = "gelu"
+    bias: bool = True
+    causal: bool = False
+    cross_attention: bool = False
+    relative_position: bool = Field(False, description="T5 bucketed relative position bias.")
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    attention_scale: bool = Field(True, description="Divide scores by sqrt(head_dim); T5 does not.")
+    parameter_sharing: bool = Field(False, description="One layer's weights applied num_layers times.")
+    final_layernorm: bool | None = Field(None, description="Default: true for pre-LN stacks.")
+
+    @property
+    def has_final_layernorm(self) -> bool:
+        if self.final_layernorm is None:
+            return self.layernorm_positioning == "pre"
+        return self.final_layernorm
+
+
+class TargetConfig(_Strict):
+    """The task head on top of the encoder (or decoder) output."""
+
+    name: str
+    pooling: str = "mean"
+    normalize: bool = False
+    num_labels: int | None = None
+    pooler_dense: bool = Field(False, description="BERT pooler: dense + tanh on the pooled vector.")
+    tie_weights: bool = True
+    lm_transform: bool = Field(False, description="BERT MLM transform: dense + act + LN before the vocab.")
+    scale_logits: bool = Field(False, description="T5: scale decoder output by hidden_size**-0.5.")
+    contrastive_scale: float = 20.0
+
+
+class ModelConfig(_Strict):
+    """The whole model. Sizes shared by all parts live at the top level."""
+
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    head_dim: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    encoder: StackConfig
+    target_embedding: EmbeddingConfig | None = None
+    decoder: StackConfig | None = None
+    target: TargetConfig
+    share_embeddings: bool = Field(False, description="Decoder reuses the encoder's word table (T5).")
+    decoder_start_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        from training.components import registry_check
+
+        registry_check(self)
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.decoder is None) != (self.target_embedding is None):
+            raise ValueError("decoder and target_embedding go together: set both or neither")
+        if self.decoder is not None and not self.decoder.cross_attention:
+            raise ValueError("a decoder attends to the encoder: set decoder.cross_attention=true")
+        return self
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_defaults=False)
+
+
+def load_config(path_or_name: str | Path) -> ModelConfig:
+    """Read a config file, or a named config from ``training/configs`` ("minilm-l6", "tiny-bert")."""
+    path = Path(path_or_name)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{path_or_name}.json"
+    if not path.exists():
+        names = ", ".join(available_configs())
+        raise FileNotFoundError(f"no model config {path_or_name!r}; named configs: {names}")
+    return ModelConfig.model_validate(json.loads(path.read_text()))
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))

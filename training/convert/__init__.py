@@ -1,0 +1,1 @@
+"""Conversion between Hugging Face checkpoints and ours (see ``hf.py`` and ``families.py``)."""

@@ -1,0 +1,106 @@
+"""The model: embedding -> encoder -> [target embedding -> decoder] -> target, built from a config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.components import DECODERS, ENCODERS, TARGETS
+from training.components.embeddings import Embedding
+from training.components.encoders import StackOutput
+from training.components.layers import LayerCache
+from training.config import ModelConfig
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config, config.embedding)
+        self.encoder = ENCODERS[config.encoder.name](config, config.encoder)
+        self.target_embedding: Embedding | None = None
+        self.decoder: nn.Module | None = None
+        if config.decoder is not None and config.target_embedding is not None:
+            self.target_embedding = Embedding(config, config.target_embedding)
+            if config.share_embeddings:
+                self.target_embedding.word.weight = self.embedding.word.weight
+            self.decoder = DECODERS[config.decoder.name](config, config.decoder)
+        output_embedding = self.target_embedding or self.embedding
+        self.target = TARGETS[config.target.name](config, output_embedding.word.weight)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        past: list[LayerCache] | None = None,
+        use_cache: bool = False,
+    ) -> StackOutput:
+        """Token ids (B, T) -> encoder states (B, T, H). ``past`` continues a causal encoder."""
+        past_length = past[0][0].shape[2] if past else 0
+        x = self.embedding(input_ids, token_type_ids, position_offset=past_length)
+        return self.encoder(x, attention_mask, past=past, use_cache=use_cache)
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+        past: list[LayerCache] | None = None,
+        use_cache: bool = False,
+    ) -> StackOutput:
+        if self.decoder is None or self.target_embedding is None:
+            raise ValueError("this model has no decoder")
+        past_length = past[0][0].shape[2] if past else 0
+        y = self.target_embedding(decoder_input_ids, position_offset=past_length)
+        return self.decoder(
+            y, decoder_attention_mask, past=past, use_cache=use_cache, memory=memory, memory_mask=memory_mask
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The served output: logits or pooled embeddings, as the target defines."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids).hidden
+        if self.decoder is None:
+            return self.target(hidden, attention_mask)
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder model needs decoder_input_ids")
+        if decoder_attention_mask is None:
+            decoder_attention_mask = torch.ones_like(decoder_input_ids)
+        out = self.decode(decoder_input_ids, hidden, attention_mask, decoder_attention_mask).hidden
+        return self.target(out, decoder_attention_mask)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.target.loss(self, batch)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig) -> Model:
+    """Assemble a model from its config; weights are initialized as BERT does (normal, std 0.02)."""
+    model = Model(config)
+    model.apply(_init_weights)
+    return model
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    for name, param in module.named_parameters(recurse=False):
+        if name == "weight" and param.dim() == 2 and not isinstance(module, nn.Linear):
+            nn.init.normal_(param, std=0.02)
