@@ -43,6 +43,7 @@ class HeadInfo(BaseModel):
     max_length: int = 512
     text_pair: bool = False
     source: str = ""
+    source_dir: str | None = None
 
 
 @dataclass

