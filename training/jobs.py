@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from training.checkpoint import Checkpoint, HeadInfo, load_checkpoint, save_checkpoint
 from training.components import TARGETS
-from training.config import ModelConfig, load_config
+from training.config import ModelConfig, TargetConfig, load_config
 from training.convert.hf import import_hf
 from training.data.tasks import Collator, label_names, read_records, validate_records
 from training.model import Model, build_model
@@ -40,8 +40,11 @@ def load_any(path: Path) -> Checkpoint:
 
 def with_target(model: Model, target: str, **target_fields: object) -> Model:
     """The same embedding/encoder/decoder weights under a new task head (for fine-tuning)."""
-    fields = {k: v for k, v in target_fields.items() if v is not None}
-    new_target = model.config.target.model_copy(update={"name": target, **fields})
+    old = model.config.target
+    # Keep only what describes the body (pooling, weight tying); head-specific flags start fresh.
+    fields = {"pooling": old.pooling, "tie_weights": old.tie_weights}
+    fields.update({k: v for k, v in target_fields.items() if v is not None})
+    new_target = TargetConfig(name=target, **fields)
     config = ModelConfig.model_validate({**model.config.model_dump(), "target": new_target.model_dump()})
     fresh = build_model(config)
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("target.")}

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from training.config import ModelConfig, available_configs, load_config
+from training.model import build_model
+
+EXPECTED_CONFIGS = {"bert-base", "minilm-l6", "xlm-roberta-base", "gpt2", "t5-small", "tiny-bert"}
+
+
+def test_named_configs_exist_and_validate():
+    assert EXPECTED_CONFIGS <= set(available_configs())
+    for name in available_configs():
+        config = load_config(name)
+        assert config.encoder.num_layers >= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("bert-base", 109.5), ("gpt2", 124.4), ("t5-small", 60.5), ("minilm-l6", 22.6)],
+)
+def test_reference_configs_have_the_published_sizes(name, millions):
+    # Parameter counts of the published models (tied weights counted once).
+    assert build_model(load_config(name)).num_parameters() / 1e6 == pytest.approx(millions, abs=0.1)
+
+
+def test_unknown_component_is_rejected_at_load(tmp_path):
+    raw = json.loads(load_config("tiny-bert").to_json())
+    raw["encoder"]["activation"] = "swishy"
+    with pytest.raises(ValidationError, match="unknown activation 'swishy'"):
+        ModelConfig.model_validate(raw)
+    raw = json.loads(load_config("tiny-bert").to_json())
+    raw["target"]["name"] = "nope"
+    with pytest.raises(ValidationError, match="unknown target 'nope'"):
+        ModelConfig.model_validate(raw)
+
+
+def test_typo_in_a_field_is_rejected():
+    raw = json.loads(load_config("tiny-bert").to_json())
+    raw["encoder"]["num_layer"] = 3
+    with pytest.raises(ValidationError, match="num_layer"):
+        ModelConfig.model_validate(raw)
+
+
+def test_decoder_needs_target_embedding_and_cross_attention():
+    raw = json.loads(load_config("t5-small").to_json())
+    raw["target_embedding"] = None
+    with pytest.raises(ValidationError, match="decoder and target_embedding go together"):
+        ModelConfig.model_validate(raw)
+    raw = json.loads(load_config("t5-small").to_json())
+    raw["decoder"]["cross_attention"] = False
+    with pytest.raises(ValidationError, match="cross_attention"):
+        ModelConfig.model_validate(raw)
+
+
+def test_missing_config_names_the_choices():
+    with pytest.raises(FileNotFoundError, match="tiny-bert"):
+        load_config("no-such-config")
