@@ -148,6 +148,8 @@ def train(
         console.print(f"trained {result.steps} steps in {result.seconds:.1f}s, last loss {result.train_loss:.4f}")
         if result.dev_metrics:
             console.print("dev " + json.dumps({k: round(v, 4) for k, v in result.dev_metrics.items()}))
+        if result.rank_divergence or Distributed.from_env().world_size > 1:
+            console.print(f"ranks agree: max parameter difference {result.rank_divergence:.3g}")
         console.print(f"checkpoint: {out}")
 
 

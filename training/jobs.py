@@ -17,7 +17,7 @@ from training.convert.hf import import_hf
 from training.data.tasks import Collator, label_names, read_records, validate_records
 from training.model import Model, build_model
 from training.tokenization import configured
-from training.trainer import Trainer, TrainResult, TrainSettings
+from training.trainer import Trainer, TrainResult, TrainSettings, set_seed
 
 console = Console()
 
@@ -123,6 +123,7 @@ class TrainJob:
 
 
 def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
+    set_seed(settings.seed)  # new weights (a fresh model or head) start from the seed too
     if job.resume and (job.out_dir / "model_config.json").exists():
         base = load_checkpoint(job.out_dir)
     elif job.init_from is not None:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,10 @@ class TrainSettings(BaseModel):
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     eval_every: int = Field(0, ge=0, description="Evaluate on dev every N steps (0: at the end only).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: end only).")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="End this run at step N (the schedule still spans the whole run); "
+        "for time-boxed jobs that continue later with resume."
+    )
     progress: bool = True
 
     @model_validator(mode="after")
@@ -69,6 +74,7 @@ class TrainResult:
     train_loss: float
     dev_metrics: dict[str, float]
     seconds: float
+    rank_divergence: float = 0.0
 
 
 @dataclass
@@ -226,13 +232,16 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _linear_schedule(int(total * s.warmup_ratio), total)
         )
-        for _ in range(step):  # replay the schedule to where the run stopped
-            scheduler.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # stepping before optimizer.step() is the point
+            for _ in range(step):  # replay the schedule to where the run stopped
+                scheduler.step()
+        stop = min(total, s.stop_at_step or total)
         start, seen, last_loss = time.perf_counter(), 0, float("nan")
         self.model.train()
         with self._progress(total) as progress:
             task = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate=0.0)
-            while step < total:
+            while step < stop:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 batch_ids = global_batches(len(records), s.batch_size, s.seed, epoch)[in_epoch]
                 last_loss = self._step(records, batch_ids, epoch)
@@ -244,12 +253,25 @@ class Trainer:
                 if s.eval_every and step % s.eval_every == 0 and dev_records:
                     metrics = self.evaluate(dev_records)
                     progress.console.print(f"step {step}: dev {metrics}")
-                if s.save_every and step % s.save_every == 0 and step < total:
+                if s.save_every and step % s.save_every == 0 and step < stop:
                     self.save(step)
         dev_metrics = self.evaluate(dev_records) if dev_records else {}
-        self.save(step)
+        divergence = self.rank_divergence()
+        self.save(step, {"rank_divergence": divergence, "train_loss": last_loss, "dev": dev_metrics})
         return TrainResult(steps=step, train_loss=last_loss, dev_metrics=dev_metrics,
-                           seconds=time.perf_counter() - start)
+                           seconds=time.perf_counter() - start, rank_divergence=divergence)
+
+    def rank_divergence(self) -> float:
+        """Largest difference between any rank's parameters and rank 0's (0.0 when DDP is in sync)."""
+        if self.env.world_size == 1:
+            return 0.0
+        worst = torch.zeros((), device=self.device)
+        for param in self.model.parameters():
+            reference = param.detach().clone()
+            dist.broadcast(reference, src=0)
+            worst = torch.maximum(worst, (param.detach() - reference).abs().max())
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return float(worst)
 
     def _step(self, records: list[dict], batch_ids: list[int], epoch: int) -> float:
         s = self.settings
@@ -296,12 +318,13 @@ class Trainer:
         self.model.train()
         return {key: value / count for key, value in totals.items()}
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, summary: dict | None = None) -> None:
         """Rank 0 writes the checkpoint the quantizer reads, plus optimizer state for resume."""
         if self.env.is_main:
             save_checkpoint(self.out_dir, self.model, self.head, self.tokenizer)
             _save_optimizer(self.out_dir / STATE_DIR, self.optimizer,
-                            {"step": step, "settings": self.settings.model_dump()})
+                            {"step": step, "world_size": self.env.world_size,
+                             "settings": self.settings.model_dump(), **(summary or {})})
         if self.env.world_size > 1:
             dist.barrier()
 
