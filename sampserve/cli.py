@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -59,7 +59,7 @@ def components() -> None:
 def import_hf_command(
     hf_dir: Annotated[Path, typer.Argument(help="Folder with config.json, model.safetensors, tokenizer.json.")],
     out: Annotated[Path, typer.Argument(help="Our checkpoint folder to write.")],
-    architecture: Annotated[Optional[str], typer.Option(help="Override config.json's architecture.")] = None,
+    architecture: Annotated[str | None, typer.Option(help="Override config.json's architecture.")] = None,
 ) -> None:
     """Import a Hugging Face checkpoint (BERT/MiniLM, XLM-R, GPT-2, T5) into our format."""
     from training.jobs import describe, import_checkpoint
@@ -82,7 +82,7 @@ def export_hf_command(
 @app.command()
 def parity(
     checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
-    reference: Annotated[Optional[Path], typer.Option(
+    reference: Annotated[Path | None, typer.Option(
         help="The Hugging Face folder to compare with (default: the one the checkpoint was imported from)."
     )] = None,
 ) -> None:
@@ -114,18 +114,18 @@ def parity(
 def train(
     data: Annotated[Path, typer.Option(help="Training records (.jsonl or .tsv).")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (and resume from).")],
-    dev: Annotated[Optional[Path], typer.Option(help="Dev records, evaluated during and after training.")] = None,
-    config: Annotated[Optional[ConfigName], typer.Option(help="Train a named config from scratch.")] = None,
-    config_file: Annotated[Optional[Path], typer.Option(help="Train a config file from scratch.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from our checkpoint or an HF folder.")] = None,
-    target: Annotated[Optional[TargetName], typer.Option(help="Task head to train (default: the model's).")] = None,
-    pooling: Annotated[Optional[PoolingName], typer.Option(help="Pooling for the head.")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json (default: the model's own).")] = None,
+    dev: Annotated[Path | None, typer.Option(help="Dev records, evaluated during and after training.")] = None,
+    config: Annotated[ConfigName | None, typer.Option(help="Train a named config from scratch.")] = None,
+    config_file: Annotated[Path | None, typer.Option(help="Train a config file from scratch.")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start from our checkpoint or an HF folder.")] = None,
+    target: Annotated[TargetName | None, typer.Option(help="Task head to train (default: the model's).")] = None,
+    pooling: Annotated[PoolingName | None, typer.Option(help="Pooling for the head.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the model's own).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
     batch_size: int = 32,
     grad_accum: int = 1,
     epochs: float = 1.0,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
     lr: float = 5e-5,
     max_length: int = 128,
     seed: int = 42,

@@ -102,7 +102,7 @@ class ModelConfig(_Strict):
         return self.head_dim or self.hidden_size // self.num_heads
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         from training.components import registry_check
 
         registry_check(self)

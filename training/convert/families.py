@@ -9,7 +9,8 @@ list of ``Rule``s for a given config. Heads are mapped by HF architecture name:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from training.config import EmbeddingConfig, ModelConfig, StackConfig, TargetConfig
 from training.convert.rules import Rule

@@ -26,8 +26,8 @@ from pathlib import Path
 __all__ = [
     "TOPICS",
     "TOPIC_PACKAGES",
-    "read_mo_msgids",
     "load_gettext_topics",
+    "read_mo_msgids",
     "split",
     "write_jsonl",
 ]
