@@ -15,10 +15,11 @@ from training.components import POOLING, REGISTRIES, TARGETS
 from training.config import available_configs
 
 app = typer.Typer(help="sampserve: train, convert, quantize and serve transformer models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="Build data sets from what this machine's packages ship.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 
 TargetName = Enum("TargetName", {name: name for name in TARGETS}, type=str)
 PoolingName = Enum("PoolingName", {name: name for name in POOLING}, type=str)
@@ -165,6 +166,35 @@ def evaluate(
     print(json.dumps(evaluate_checkpoint(checkpoint, data, max_length)))
 
 
+@app.command("generate")
+def generate_command(
+    checkpoint: Annotated[Path, typer.Option(help="An lm or seq2seq_lm checkpoint (ours or Hugging Face).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue (lm) or to transform (seq2seq).")],
+    max_new_tokens: int = 32,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> None:
+    """Generate text with the key/value cache, printing tokens as they come."""
+    import torch
+
+    from training.generate import GenerationSettings, stream
+    from training.jobs import load_any
+
+    loaded = load_any(checkpoint)
+    seq2seq = loaded.config.is_encoder_decoder
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=seq2seq).ids
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    produced: list[int] = []
+    shown = ""
+    for token in stream(loaded.model, torch.tensor([ids]), settings=settings):
+        produced.append(int(token[0]))
+        text = loaded.tokenizer.decode(produced)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print()
+
+
 @data_app.command("gettext-topics")
 def gettext_topics(
     out: Annotated[Path, typer.Argument(help="Folder for train/dev/test .jsonl files.")],
@@ -181,5 +211,15 @@ def gettext_topics(
         console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
 
 
+def main() -> None:
+    """Entry point: a mistake in what the user asked for is one clear line and exit code 2
+    (typer itself reports bad flags the same way)."""
+    try:
+        app()
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -66,7 +66,7 @@ def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Toke
     try:
         (tmp / CONFIG_FILE).write_text(model.config.to_json())
         save_model(model, str(tmp / WEIGHTS_FILE))
-        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        raw_tokenizer(tokenizer).save(str(tmp / TOKENIZER_FILE))
         (tmp / HEAD_FILE).write_text(head.model_dump_json(indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -83,6 +83,15 @@ def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Toke
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def raw_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy without padding or truncation: head.json's max_length is the one length setting, and
+    batches pad to their longest (some shipped tokenizer.json files pad every input to 128)."""
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
