@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from training.components import POOLING, REGISTRIES, TARGETS
@@ -164,6 +165,47 @@ def evaluate(
     from training.jobs import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(checkpoint, data, max_length)))
+
+
+@app.command()
+def quantize(
+    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
+    data: Annotated[Path, typer.Option(help="Task records (.jsonl/.tsv): split into calibration, dev, test.")],
+    repo: Annotated[Path, typer.Option(help="The model repository.")] = Path("model_repo"),
+    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "default",
+    max_drop: Annotated[float, typer.Option(help="Budget: largest metric drop (0.01 = 1 point).")] = 0.01,
+    min_cosine: Annotated[float | None, typer.Option(help="Embeddings: lowest mean cosine to FP32.")] = None,
+    mode: Annotated[str, typer.Option(help="auto, dynamic or static INT8.")] = "auto",
+    calibration_method: Annotated[str, typer.Option(help="minmax, percentile or entropy (static).")] = "minmax",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+    sequence_length: int = 128,
+    repeats: int = 5,
+) -> None:
+    """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
+    it, and publish it as the next version in the repository with its report."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from quantizer.publish import publish_result
+    from quantizer.report import table
+    from quantizer.samp import Samp, SampSettings
+    from training.data.tasks import read_records
+    from training.jobs import load_any
+
+    settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
+                            calibration_method=calibration_method, threads=threads,
+                            sequence_length=sequence_length, repeats=repeats)
+    loaded = load_any(checkpoint)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("SAMP", total=None)
+        samp = Samp(loaded, read_records(data), settings, progress=progress)
+        result = samp.run()
+        progress.update(task, description="publishing")
+        version, notes = publish_result(samp, result, repo, model)
+    console.print(table(result.report), width=max(console.width, 120))
+    for note in [*result.report.notes, *notes]:
+        console.print(f"note: {escape(note)}")
+    console.print(result.report.verdict)
+    console.print(f"published {version}")
 
 
 @app.command("generate")

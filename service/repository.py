@@ -1,0 +1,455 @@
+"""The versioned model repository: the one definition of its on-disk format.
+
+The offline quantizer publishes versions here and the online server loads them, so both import
+this module. It must stay free of torch, onnx, ``training`` and ``quantizer`` (the server image has
+no torch): stdlib and pydantic only.
+
+Layout::
+
+    model_repo/
+      <model>/config.json        committed per-model settings (RepoModelConfig)
+      <model>/<N>/               N = 1, 2, 3 ...: one published version
+          manifest.json          written last by publish: sizes and sha256 of every file
+          model.onnx, tokenizer.json, head.json, samp_report.json, ...
+      <model>/.tmp-<hex>/        a publish in progress (or left by a crash); never a version
+
+A version appears only through one ``rename`` of a fully written and fsynced temp directory, so a
+reader never sees half a version, and a crash leaves only a ``.tmp-*`` directory behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MANIFEST_FILE = "manifest.json"
+MODEL_CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+HEAD_FILE = "head.json"
+REPORT_FILE = "samp_report.json"
+
+TEMP_PREFIX = ".tmp-"
+"""Prefix of in-progress publish directories; never listed as versions."""
+
+PUBLISH_RETRIES = 100
+"""How many version numbers publish tries before giving up when other publishers keep winning."""
+
+_VERSION_NAME = re.compile(r"[1-9][0-9]*")
+_CHUNK = 1 << 20
+_OCCUPIED = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR}
+
+
+class RepositoryError(Exception):
+    """Base of the errors this module raises about repository contents."""
+
+
+class ModelConfigError(RepositoryError, ValueError):
+    """A model's config.json is missing, not JSON, or does not match RepoModelConfig."""
+
+
+class ManifestError(RepositoryError):
+    """A version directory does not match its manifest.json (or the manifest itself is bad)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+class BatchingConfig(_Strict):
+    """How the server groups requests into batches for one model."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    """Most requests in one batch."""
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    """Longest a request waits for others to join its batch before the batch runs anyway."""
+    max_batch_tokens: int = Field(8192, ge=1)
+    """Token budget per batch, padding included (batch size x longest sequence)."""
+    max_queue_size: int = Field(256, ge=1)
+    """Requests waiting beyond this are rejected (back-pressure) instead of queued."""
+
+
+class VersionPolicy(_Strict):
+    """Which published versions the server loads; exactly one of the three is set (default latest=1)."""
+
+    latest: int | None = Field(None, ge=1)
+    """Serve the N newest versions."""
+    specific: list[int] | None = Field(None, min_length=1)
+    """Serve exactly these version numbers (those that exist)."""
+    all: bool | None = None
+    """Serve every published version; must be true when given."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_latest(cls, data: Any) -> Any:
+        """An empty policy means "the newest version", as in Triton."""
+        if isinstance(data, Mapping) and all(data.get(k) is None for k in ("latest", "specific", "all")):
+            return {**data, "latest": 1}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        """Two policies at once would be ambiguous, and all=false would select nothing."""
+        given = [k for k in ("latest", "specific", "all") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of latest, specific, all (got {', '.join(given)})")
+        if self.all is False:
+            raise ValueError("all must be true when given (use latest or specific to restrict)")
+        if self.specific is not None and any(v < 1 for v in self.specific):
+            raise ValueError(f"specific versions must be >= 1, got {self.specific}")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of ``available``, ascending."""
+        versions = sorted(set(available))
+        if self.latest is not None:
+            return versions[-self.latest :]
+        if self.specific is not None:
+            wanted = set(self.specific)
+            return [v for v in versions if v in wanted]
+        return versions
+
+
+class RepoModelConfig(_Strict):
+    """A served model's committed ``<model>/config.json``."""
+
+    name: str = Field(min_length=1)
+    """Model name; must equal its folder name in the repository."""
+    task: Literal["classification", "matching", "generation"]
+    """What the model does; decides the request/response shape the server exposes."""
+    source: str
+    """Where the checkpoint comes from (free text: a path, a hub id, a training run)."""
+    max_drop: float = Field(0.01, ge=0)
+    """Accuracy budget the quantizer used: the most metric drop allowed versus full precision."""
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    """Dynamic batching settings."""
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    """Which versions to load."""
+    max_length: int | None = Field(None, ge=1)
+    """Longest input in tokens the server accepts; None: the model's own limit."""
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per pydantic error, with the dotted field path, so the message names the field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _read_json(path: Path, error: type[RepositoryError]) -> Any:
+    """Parse a JSON file, turning a missing file or bad JSON into ``error`` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def load_model_config(model_dir: Path) -> RepoModelConfig:
+    """Read and validate ``model_dir/config.json``; errors name the file and the field."""
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    data = _read_json(path, ModelConfigError)
+    try:
+        config = RepoModelConfig.model_validate(data)
+    except ValidationError as e:
+        raise ModelConfigError(f"{path}: {_describe(e)}") from e
+    if config.name != Path(model_dir).name:
+        raise ModelConfigError(f"{path}: name: {config.name!r} does not match folder name {Path(model_dir).name!r}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# versions
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Published version numbers, ascending: integer-named subdirectories only."""
+    return sorted(
+        int(p.name) for p in Path(model_dir).iterdir() if _VERSION_NAME.fullmatch(p.name) and p.is_dir()
+    )
+
+
+def next_version(model_dir: Path) -> int:
+    """The number a new publish would take: one past the highest (numbers are never reused)."""
+    return max(list_versions(model_dir), default=0) + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest.json
+
+
+class FileEntry(_Strict):
+    """One published file as recorded in the manifest."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hex SHA-256 of the content."""
+    bytes: int = Field(ge=0)
+    """Size in bytes."""
+
+
+class Manifest(_Strict):
+    """``<model>/<N>/manifest.json``: what a version contains, written last by publish."""
+
+    version: int = Field(ge=1)
+    """The version number; equals the folder name."""
+    created: datetime
+    """When the version was published (ISO 8601, UTC)."""
+    files: dict[str, FileEntry]
+    """Every file in the version except manifest.json, by POSIX relative path."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Free-form publisher information (quantizer settings, accuracy, source checkpoint)."""
+
+
+def check_relpath(name: str) -> PurePosixPath:
+    """Validate a file name inside a version: relative, at most one subdirectory, no ``..``.
+
+    Rejecting these keeps a publisher (or a tampered manifest) from writing or reading outside
+    the version directory.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"file name must be a non-empty string, got {name!r}")
+    path = PurePosixPath(name)
+    if "\\" in name or "\0" in name or path.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"file name {name!r} must be a relative POSIX path")
+    if any(part in ("..", ".") for part in name.split("/")) or str(path) != name:
+        raise ValueError(f"file name {name!r} must be normalized and must not contain '..' or '.'")
+    if len(path.parts) > 2:
+        raise ValueError(f"file name {name!r} is nested too deep (at most one subdirectory)")
+    if name == MANIFEST_FILE:
+        raise ValueError(f"{MANIFEST_FILE} is written by publish itself")
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(dest: Path, source: Path | bytes) -> FileEntry:
+    """Write one file (hashing while writing) and fsync it; ``x`` mode refuses duplicates."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "xb") as out:
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = bytes(source)
+            digest.update(data)
+            out.write(data)
+            size = len(data)
+        elif isinstance(source, Path):
+            with open(source, "rb", buffering=0) as src:  # unbuffered: a pipe yields what it has
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        else:
+            raise TypeError(f"{dest.name}: source must be a Path or bytes, got {type(source).__name__}")
+        out.flush()
+        os.fsync(out.fileno())
+    return FileEntry(sha256=digest.hexdigest(), bytes=size)
+
+
+def _write_manifest(tmp: Path, manifest: Manifest) -> None:
+    """(Re)write manifest.json in the temp dir; rewritten when the version number changes."""
+    path = tmp / MANIFEST_FILE
+    with open(path, "wb") as out:
+        out.write(manifest.model_dump_json(indent=2).encode("utf-8") + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync_dir(tmp)
+
+
+def _rename_to_next(tmp: Path, model_dir: Path, manifest: Manifest) -> Path:
+    """Rename ``tmp`` to the next free number; if another publisher took it, renumber and retry."""
+    n = manifest.version
+    for _ in range(PUBLISH_RETRIES):
+        target = model_dir / str(n)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if e.errno not in _OCCUPIED:
+                raise
+            n = max(n + 1, next_version(model_dir))
+            manifest = manifest.model_copy(update={"version": n})
+            _write_manifest(tmp, manifest)
+            continue
+        _fsync_dir(model_dir)
+        return target
+    raise RepositoryError(f"{model_dir}: no free version number after {PUBLISH_RETRIES} attempts")
+
+
+def publish(model_dir: Path, files: Mapping[str, Path | bytes], metadata: dict[str, Any] | None = None) -> Path:
+    """Atomically add the next version of a model and return its directory.
+
+    Files go to ``model_dir/.tmp-<hex>/`` (each fsynced, manifest.json last), then one ``rename``
+    makes the version visible: readers see all of it or none. A number taken meanwhile by another
+    publisher is skipped. On any error the temp directory is removed; after a hard crash it stays
+    for ``remove_stale_temp``.
+    """
+    model_dir = Path(model_dir)
+    names = {name: check_relpath(name) for name in files}
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory does not exist")
+    tmp = model_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        entries: dict[str, FileEntry] = {}
+        for name, rel in names.items():
+            dest = tmp / rel
+            if len(rel.parts) > 1 and not dest.parent.is_dir():
+                dest.parent.mkdir()
+            entries[name] = _write_file(dest, files[name])
+        for sub in {tmp / rel.parent for rel in names.values() if len(rel.parts) > 1}:
+            _fsync_dir(sub)
+        manifest = Manifest(
+            version=next_version(model_dir),
+            created=datetime.now(UTC),
+            files=dict(sorted(entries.items())),
+            metadata=dict(metadata or {}),
+        )
+        _write_manifest(tmp, manifest)
+        return _rename_to_next(tmp, model_dir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, streamed so large models do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_manifest(version_dir: Path) -> Manifest:
+    """Parse manifest.json, naming the file and field on failure."""
+    path = version_dir / MANIFEST_FILE
+    data = _read_json(path, ManifestError)
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(f"{path}: {_describe(e)}") from e
+
+
+def _check_listed(version_dir: Path, name: str, entry: FileEntry) -> str | None:
+    """What is wrong with one listed file, or None. Symlinks count as wrong: they may point outside."""
+    try:
+        check_relpath(name)
+    except ValueError as e:
+        return f"{version_dir / MANIFEST_FILE}: bad file name: {e}"
+    path = version_dir / name
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return f"{path}: listed in {MANIFEST_FILE} but missing"
+    if not path.is_file() or path.is_symlink():
+        return f"{path}: not a regular file"
+    if st.st_size != entry.bytes:
+        return f"{path}: size {st.st_size} bytes, {MANIFEST_FILE} says {entry.bytes}"
+    actual = _sha256_file(path)
+    if actual != entry.sha256:
+        return f"{path}: sha256 {actual} does not match {MANIFEST_FILE} ({entry.sha256})"
+    return None
+
+
+def _unlisted(version_dir: Path, listed: set[str]) -> list[str]:
+    """Non-directory entries that the manifest does not mention (extra or injected files)."""
+    problems = []
+    for root, dirs, filenames in os.walk(version_dir):
+        rel_root = Path(root).relative_to(version_dir)
+        names = filenames + [d for d in dirs if (Path(root) / d).is_symlink()]
+        for fname in sorted(names):
+            rel = (rel_root / fname).as_posix()
+            if rel != MANIFEST_FILE and rel not in listed:
+                problems.append(f"{version_dir / rel}: not listed in {MANIFEST_FILE}")
+    return problems
+
+
+def verify(version_dir: Path) -> Manifest:
+    """Check a version against its manifest and return the manifest.
+
+    Every listed file must exist with the recorded size and sha256, nothing else may be there, and
+    the manifest's version must equal the folder name. All problems are reported in one
+    ManifestError, each naming the file and what is wrong.
+    """
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
+        raise ManifestError(f"{version_dir}: not a directory")
+    manifest = _load_manifest(version_dir)
+    problems = []
+    if not _VERSION_NAME.fullmatch(version_dir.name) or int(version_dir.name) != manifest.version:
+        problems.append(
+            f"{version_dir / MANIFEST_FILE}: version {manifest.version} does not match folder name {version_dir.name!r}"
+        )
+    for name, entry in manifest.files.items():
+        if (problem := _check_listed(version_dir, name, entry)) is not None:
+            problems.append(problem)
+    problems += _unlisted(version_dir, set(manifest.files))
+    if problems:
+        raise ManifestError("; ".join(problems))
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# cleanup
+
+
+def _newest_mtime(path: Path) -> float:
+    """Latest modification time in a tree: a live publisher still writing a big file stays young."""
+    newest = path.stat().st_mtime
+    for root, _dirs, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
+
+
+def remove_stale_temp(model_dir: Path, older_than_s: float = 3600) -> list[Path]:
+    """Delete ``.tmp-*`` directories left by crashed publishers; returns what was removed.
+
+    Only directories untouched for ``older_than_s`` seconds go, so a publish still in progress
+    is left alone (with the default threshold).
+    """
+    removed = []
+    now = time.time()
+    for path in sorted(Path(model_dir).iterdir()):
+        if not path.name.startswith(TEMP_PREFIX) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if now - _newest_mtime(path) < older_than_s:
+                continue
+            shutil.rmtree(path)
+        except FileNotFoundError:  # another cleaner got there first
+            continue
+        removed.append(path)
+    return removed

@@ -1,0 +1,112 @@
+"""SAMP end to end on real (small) models: measure, search, verify, report, publish, load back."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quantizer.publish import publish_result
+from quantizer.samp import Samp, SampSettings
+from quantizer.torch_module import load
+from service.repository import list_versions, load_model_config, verify
+from training.checkpoint import load_checkpoint
+from training.data.tasks import read_records
+from training.tokenization import configured, encode
+
+FAST = {"latency_batches": (1, 4), "repeats": 1, "sequence_length": 32, "max_examples": 96,
+        "calibration_batches": 2, "threads": 1, "max_candidates": 4}
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tiny_classifier, topics_data, tmp_path_factory):
+    checkpoint = load_checkpoint(tiny_classifier)
+    samp = Samp(checkpoint, read_records(topics_data / "dev.jsonl"), SampSettings(max_drop=0.05, **FAST),
+                workdir=tmp_path_factory.mktemp("samp"))
+    return samp, samp.run()
+
+
+def test_report_holds_extremes_and_a_verified_plan(classifier_run):
+    samp, result = classifier_run
+    report = result.report
+    names = [c.name for c in report.candidates]
+    assert {"fp32", "all-int8", "samp"} <= set(names)
+    assert len(report.units) == len(samp.units) >= 8
+    chosen = next(c for c in report.candidates if c.name == "samp")
+    fp32 = next(c for c in report.candidates if c.name == "fp32")
+    assert fp32.dev_metric - chosen.dev_metric <= 0.05 + 1e-9
+    assert set(chosen.int8) <= {u.name for u in samp.units}
+    assert 0.0 <= chosen.quantization_rate <= 1.0
+    for candidate in report.candidates:
+        assert set(candidate.latency_ms) == {1, 4} and all(v > 0 for v in candidate.latency_ms.values())
+    assert report.metric == "accuracy" and report.torch_eager_ms[4] > 0
+    assert report.export_max_abs_diff <= 1e-4
+
+
+def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(classifier_run, tmp_path, topics_data):
+    samp, result = classifier_run
+    version, notes = publish_result(samp, result, tmp_path / "repo", "topics")
+    assert version.name == "1" and list_versions(tmp_path / "repo/topics") == [1]
+    manifest = verify(version)
+    assert {"model.onnx", "tokenizer.json", "head.json", "samp_report.json", "samp_report.png"} <= set(manifest.files)
+    assert (version / "samp_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((version / "samp_report.json").read_text())["chosen"] == "samp"
+    config = load_model_config(tmp_path / "repo/topics")
+    assert config.task == "classification" and config.max_drop == 0.05
+
+    # A PyTorch eval loop, FP32 model swapped for the published plan.
+    module = load(version, threads=1)
+    fp32 = samp.checkpoint.model.eval()
+    labels = samp.checkpoint.head.labels
+    records = read_records(topics_data / "test.jsonl")[:128]
+    tokenizer = configured(samp.checkpoint.tokenizer, 32, 0)
+
+    def accuracy(model) -> float:
+        hits = 0
+        for i in range(0, len(records), 32):
+            chunk = records[i : i + 32]
+            batch = encode(tokenizer, [r["text"] for r in chunk])
+            with torch.no_grad():
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            assert isinstance(logits, torch.Tensor)
+            hits += int((logits.argmax(-1) == torch.tensor([labels.index(r["label"]) for r in chunk])).sum())
+        return hits / len(records)
+
+    assert abs(accuracy(module) - accuracy(fp32)) <= 0.1
+    by_text = module(texts=["could not open file", "commit the changes"])
+    assert by_text.shape == (2, len(labels))
+
+    # publishing again makes version 2 beside version 1
+    assert publish_result(samp, result, tmp_path / "repo", "topics")[0].name == "2"
+
+
+def test_impossible_budget_gives_the_fp32_plan_said_plainly(tiny_embedder, topics_data, tmp_path):
+    checkpoint = load_checkpoint(tiny_embedder)
+    settings = SampSettings(max_drop=0.0, min_cosine=1.0, **FAST)
+    result = Samp(checkpoint, read_records(topics_data / "dev.jsonl"), settings, workdir=tmp_path).run()
+    chosen = next(c for c in result.report.candidates if c.name == "samp")
+    assert chosen.int8 == [] and chosen.mode == "fp32"
+    assert result.report.verdict.startswith("No INT8 unit fits")
+    assert result.report.metric == "spearman_vs_fp32"
+
+
+def test_matching_plan_keeps_embedding_cosine(tiny_embedder, topics_data, tmp_path):
+    checkpoint = load_checkpoint(tiny_embedder)
+    settings = SampSettings(max_drop=0.01, min_cosine=0.99, mode="dynamic", **FAST)
+    result = Samp(checkpoint, read_records(topics_data / "dev.jsonl"), settings, workdir=tmp_path).run()
+    chosen = next(c for c in result.report.candidates if c.name == "samp")
+    assert chosen.dev_cosine is not None and chosen.dev_cosine >= 0.99
+    assert 1.0 - chosen.dev_metric <= 0.01 + 1e-9
+
+
+@pytest.mark.slow
+def test_minilm_plan_keeps_one_point_on_dev_and_unseen_test(minilm_checkpoint, topics_data, tmp_path):
+    """The acceptance run at small scale: all-MiniLM-L6-v2, Spearman of pair scores vs FP32."""
+    settings = SampSettings(max_drop=0.01, mode="dynamic", latency_batches=(1, 8), repeats=2, max_examples=128,
+                            max_candidates=3)
+    result = Samp(load_checkpoint(minilm_checkpoint), read_records(topics_data / "train.jsonl"), settings,
+                  workdir=tmp_path).run()
+    chosen = next(c for c in result.report.candidates if c.name == "samp")
+    assert not chosen.int8 == []
+    assert 1.0 - chosen.dev_metric <= 0.01 and 1.0 - chosen.test_metric <= 0.01
+    assert np.isfinite(chosen.speedup_vs_torch)
