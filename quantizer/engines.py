@@ -32,7 +32,7 @@ def tensorrt_available() -> tuple[bool, str]:
     if importlib.util.find_spec("tensorrt") is None:
         return False, "TensorRT engine skipped: the tensorrt package is not installed (pip install '.[gpu]')"
     try:
-        import torch  # noqa: F401  (only to ask for a GPU; tensorrt needs CUDA)
+        import torch  # only to ask for a GPU: tensorrt needs CUDA
 
         if not torch.cuda.is_available():
             return False, "TensorRT engine skipped: no CUDA device"

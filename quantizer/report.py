@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from quantizer.samp import SampReport
@@ -46,6 +47,12 @@ def write_plot(report: SampReport, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def print_table(report: SampReport, console: Console) -> None:
+    """Print the table at least 120 columns wide (rich would squeeze it into 80 when piped)."""
+    wide = Console(file=console.file, width=max(console.width, 120), force_terminal=console.is_terminal)
+    wide.print(table(report))
 
 
 def table(report: SampReport) -> Table:

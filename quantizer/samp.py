@@ -227,8 +227,8 @@ class Samp:
             all_int8[mode] = self.ort_latency(self.build(everything, mode), big)[big[0]]
         mode = min(all_int8, key=all_int8.get)  # type: ignore[arg-type]
         if s.mode == "auto":
-            notes.append("all-INT8 at batch %d: %s; using %s" % (
-                big[0], ", ".join(f"{m} {v:.1f} ms" for m, v in all_int8.items()), mode))
+            timings = ", ".join(f"{m} {v:.1f} ms" for m, v in all_int8.items())
+            notes.append(f"all-INT8 at batch {big[0]}: {timings}; using {mode}")
         fp32_ms = self.ort_latency(self.info.path, big)[big[0]]
         saved = max(fp32_ms - all_int8[mode], 0.0)
         total_flops = sum(u.flops_per_token for u in self.units) or 1

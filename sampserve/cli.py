@@ -26,12 +26,21 @@ TargetName = Enum("TargetName", {name: name for name in TARGETS}, type=str)
 PoolingName = Enum("PoolingName", {name: name for name in POOLING}, type=str)
 ConfigName = Enum("ConfigName", {name: name for name in available_configs()}, type=str)
 DEFAULT_WORKDIR = Path("runs")
+DEFAULT_MODEL = "minilm-l6"
 
 
 @app.command()
-def up(workdir: Annotated[Path, typer.Option(help="Where built models go.")] = DEFAULT_WORKDIR) -> None:
-    """The main job: build the default model (bundled all-MiniLM-L6-v2 imported into our format),
-    check its parity with sentence-transformers, and print what was built."""
+def up(
+    workdir: Annotated[Path, typer.Option(help="Where built checkpoints and data go.")] = DEFAULT_WORKDIR,
+    repo: Annotated[Path, typer.Option(help="The model repository to build.")] = Path("model_repo"),
+    rebuild: Annotated[bool, typer.Option(help="Publish a new version even if one exists.")] = False,
+) -> None:
+    """The main job: build the default model repository. Imports the bundled all-MiniLM-L6-v2 into
+    our format (checking parity with sentence-transformers), then quantizes it with SAMP under a
+    1-point budget and publishes it as model_repo/minilm-l6/<version>."""
+    from quantizer.samp import SampSettings
+    from service.repository import list_versions
+    from training.data.gettext_topics import load_gettext_topics
     from training.jobs import bundled_minilm_dir, describe, import_checkpoint
     from training.parity import PARITY_SENTENCES, sentence_transformers_diff
 
@@ -44,7 +53,35 @@ def up(workdir: Annotated[Path, typer.Option(help="Where built models go.")] = D
         diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
     console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
                   f"max_abs_diff={diff:.3g}")
-    console.print(f"built {out}")
+    model_dir = repo / DEFAULT_MODEL
+    versions = list_versions(model_dir) if model_dir.exists() else []
+    if versions and not rebuild:
+        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
+        return
+    records = load_gettext_topics(max_per_topic=200, seed=0)
+    settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
+    _quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL)
+
+
+def _quantize_and_publish(checkpoint, records: list[dict], settings, repo: Path, model: str) -> Path:
+    """Run SAMP with a spinner that logs each step, publish, and print the report's table."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from quantizer.publish import publish_result
+    from quantizer.report import print_table
+    from quantizer.samp import Samp
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress:
+        progress.add_task(f"SAMP: quantizing {model}", total=None)
+        samp = Samp(checkpoint, records, settings, progress=progress)
+        result = samp.run()
+        version, notes = publish_result(samp, result, repo, model)
+    print_table(result.report, console)
+    for note in [*result.report.notes, *notes]:
+        console.print(f"note: {escape(note)}")
+    console.print(result.report.verdict)
+    console.print(f"published {version}")
+    return version
 
 
 @app.command()
@@ -183,29 +220,14 @@ def quantize(
 ) -> None:
     """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
     it, and publish it as the next version in the repository with its report."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    from quantizer.publish import publish_result
-    from quantizer.report import table
-    from quantizer.samp import Samp, SampSettings
+    from quantizer.samp import SampSettings
     from training.data.tasks import read_records
     from training.jobs import load_any
 
     settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
                             calibration_method=calibration_method, threads=threads,
                             sequence_length=sequence_length, repeats=repeats)
-    loaded = load_any(checkpoint)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console) as progress:
-        task = progress.add_task("SAMP", total=None)
-        samp = Samp(loaded, read_records(data), settings, progress=progress)
-        result = samp.run()
-        progress.update(task, description="publishing")
-        version, notes = publish_result(samp, result, repo, model)
-    console.print(table(result.report), width=max(console.width, 120))
-    for note in [*result.report.notes, *notes]:
-        console.print(f"note: {escape(note)}")
-    console.print(result.report.verdict)
-    console.print(f"published {version}")
+    _quantize_and_publish(load_any(checkpoint), read_records(data), settings, repo, model)
 
 
 @app.command("generate")

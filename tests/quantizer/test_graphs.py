@@ -33,7 +33,7 @@ def exported(tmp_path_factory, tiny_classifier):
 
 
 def test_export_has_stable_names_and_matches_pytorch(exported):
-    checkpoint, info = exported
+    _, info = exported
     assert info.input_names == ("input_ids", "attention_mask", "token_type_ids")
     assert info.output_name == "logits"
     assert info.max_abs_diff <= 1e-4

@@ -45,7 +45,7 @@ def test_report_holds_extremes_and_a_verified_plan(classifier_run):
 
 def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(classifier_run, tmp_path, topics_data):
     samp, result = classifier_run
-    version, notes = publish_result(samp, result, tmp_path / "repo", "topics")
+    version, _ = publish_result(samp, result, tmp_path / "repo", "topics")
     assert version.name == "1" and list_versions(tmp_path / "repo/topics") == [1]
     manifest = verify(version)
     assert {"model.onnx", "tokenizer.json", "head.json", "samp_report.json", "samp_report.png"} <= set(manifest.files)
@@ -107,6 +107,6 @@ def test_minilm_plan_keeps_one_point_on_dev_and_unseen_test(minilm_checkpoint, t
     result = Samp(load_checkpoint(minilm_checkpoint), read_records(topics_data / "train.jsonl"), settings,
                   workdir=tmp_path).run()
     chosen = next(c for c in result.report.candidates if c.name == "samp")
-    assert not chosen.int8 == []
+    assert chosen.int8 != []
     assert 1.0 - chosen.dev_metric <= 0.01 and 1.0 - chosen.test_metric <= 0.01
     assert np.isfinite(chosen.speedup_vs_torch)

@@ -1,0 +1,116 @@
+"""Benchmark SAMP plans against PyTorch eager FP32, side by side in one run.
+
+    python bench/quantize.py            # writes its section of docs/benchmarks.md
+
+Two models: all-MiniLM-L6-v2 (matching: Spearman of pair scores against FP32) and a MiniLM
+classifier this script fine-tunes on the gettext topic data (accuracy). For each candidate plan:
+latency at batch 1, 8, 32 and sequence length 128, its speed ratio to PyTorch eager FP32 measured in
+the same run, and the metric change on dev (used by the search) and test (never seen by it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from quantizer.report import print_table  # noqa: E402
+from quantizer.samp import Samp, SampReport, SampSettings  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
+from training.data.gettext_topics import load_gettext_topics, split, write_jsonl  # noqa: E402
+from training.data.tasks import read_records  # noqa: E402
+from training.jobs import TrainJob, bundled_minilm_dir, console, import_checkpoint, run_training  # noqa: E402
+from training.trainer import TrainSettings  # noqa: E402
+
+MARK_BEGIN = "<!-- bench/quantize.py begin -->"
+MARK_END = "<!-- bench/quantize.py end -->"
+
+
+def markdown(title: str, report: SampReport) -> str:
+    batches = sorted(int(b) for b in report.torch_eager_ms)
+    head = ["plan", "INT8 units", "quant. rate", "dev " + report.metric, "test", *[f"b{b} ms" for b in batches],
+            *[f"b{b} vs torch" for b in batches]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    eager = report.torch_eager_ms
+    rows.append("| PyTorch eager FP32 | - | - | - | - | " + " | ".join(f"{eager[b]:.1f}" for b in batches)
+                + " | " + " | ".join("1.00x" for _ in batches) + " |")
+    fp32 = next(c for c in report.candidates if c.name == "fp32")
+    for c in report.candidates:
+        name = f"**{c.name}**" if c.name == report.chosen else c.name
+        test = "-" if c.test_metric is None else f"{c.test_metric:.4f} ({c.test_metric - (fp32.test_metric or 0):+.4f})"
+        rows.append(
+            f"| {name} | {len(c.int8)} | {c.quantization_rate:.0%} | {c.dev_metric:.4f} "
+            f"({c.dev_metric - fp32.dev_metric:+.4f}) | {test} | "
+            + " | ".join(f"{c.latency_ms[b]:.1f}" for b in batches) + " | "
+            + " | ".join(f"{eager[b] / c.latency_ms[b]:.2f}x" for b in batches) + " |"
+        )
+    notes = "\n".join(f"- {n}" for n in [report.verdict, *report.notes])
+    return f"### {title}\n\n" + "\n".join(rows) + "\n\n" + notes + "\n"
+
+
+def write_section(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines; each section names the command that reproduces it.\n"
+    section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
+    if MARK_BEGIN in existing:
+        before, rest = existing.split(MARK_BEGIN, 1)
+        after = rest.split(MARK_END, 1)[1]
+        existing = before + section + after
+    else:
+        existing = existing.rstrip() + "\n\n" + section + "\n"
+    path.write_text(existing)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-drop", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
+    settings = SampSettings(max_drop=args.max_drop, threads=args.threads, repeats=args.repeats)
+
+    records = load_gettext_topics(max_per_topic=400, seed=0)
+    train, dev, test = split(records, seed=0)
+    for name, part in (("train", train), ("dev", dev), ("test", test)):
+        write_jsonl(part, work / f"{name}.jsonl")
+    minilm = import_checkpoint(bundled_minilm_dir(), work / "minilm")
+
+    sections = []
+    console.rule("all-MiniLM-L6-v2 (matching)")
+    report = Samp(minilm, train, settings, workdir=work / "samp-minilm").run().report
+    print_table(report, console)
+    sections.append(markdown("all-MiniLM-L6-v2, matching (Spearman of pair cosine scores vs FP32)", report))
+
+    console.rule("MiniLM classifier (gettext topics)")
+    run_training(TrainJob(data=work / "train.jsonl", dev=work / "dev.jsonl", out_dir=work / "cls",
+                          init_from=work / "minilm", target="cls"),
+                 TrainSettings(batch_size=16, max_steps=150, lr=3e-4, max_length=32))
+    classifier = load_checkpoint(work / "cls")
+    report = Samp(classifier, read_records(work / "dev.jsonl") + read_records(work / "test.jsonl"), settings,
+                  workdir=work / "samp-cls").run().report
+    print_table(report, console)
+    sections.append(markdown("MiniLM fine-tuned on the gettext topics, classification (accuracy, 7 topics)",
+                             report))
+
+    cpu = platform.processor() or platform.machine()
+    header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
+              f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
+              f"{args.repeats} runs; {os.cpu_count()} cores, {cpu}, torch {torch.__version__}, CPU only). "
+              "Ratios are measured side by side in one run; absolute times move about 10% between runs.\n")
+    write_section(header + "\n" + "\n".join(sections), args.out)
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
