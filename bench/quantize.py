@@ -58,7 +58,8 @@ def markdown(title: str, report: SampReport) -> str:
 
 def write_section(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines; each section names the command that reproduces it.\n"
+    intro = "# Benchmarks\n\nMeasured on this project's machines; each section names the command that reproduces it.\n"
+    existing = path.read_text() if path.exists() else intro
     section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
     if MARK_BEGIN in existing:
         before, rest = existing.split(MARK_BEGIN, 1)
@@ -95,7 +96,7 @@ def main() -> None:
     console.rule("MiniLM classifier (gettext topics)")
     run_training(TrainJob(data=work / "train.jsonl", dev=work / "dev.jsonl", out_dir=work / "cls",
                           init_from=work / "minilm", target="cls"),
-                 TrainSettings(batch_size=16, max_steps=150, lr=3e-4, max_length=32))
+                 TrainSettings(batch_size=16, max_steps=150, lr=3e-4, max_length=128))
     classifier = load_checkpoint(work / "cls")
     report = Samp(classifier, read_records(work / "dev.jsonl") + read_records(work / "test.jsonl"), settings,
                   workdir=work / "samp-cls").run().report

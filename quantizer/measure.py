@@ -37,7 +37,8 @@ def fixed_shape_feed(tokenizer: Tokenizer, texts: list[str], batch: int, length:
     """A (batch, length) feed of real text, repeated as needed and padded to exactly ``length``."""
     tok = configured(tokenizer, length, pad_id)
     tok.enable_padding(pad_id=pad_id, length=length)
-    chosen = [texts[i % len(texts)] * 4 for i in range(batch)]  # long enough to fill the length
+    # real words, repeated until they fill the length (then truncated): every row is full length
+    chosen = [" ".join([texts[i % len(texts)]] * max(1, length // 4)) for i in range(batch)]
     enc = tok.encode_batch(chosen)
     feed = {
         "input_ids": np.array([e.ids for e in enc], dtype=np.int64),

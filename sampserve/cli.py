@@ -34,10 +34,13 @@ def up(
     workdir: Annotated[Path, typer.Option(help="Where built checkpoints and data go.")] = DEFAULT_WORKDIR,
     repo: Annotated[Path, typer.Option(help="The model repository to build.")] = Path("model_repo"),
     rebuild: Annotated[bool, typer.Option(help="Publish a new version even if one exists.")] = False,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the repository once built.")] = True,
+    http_port: Annotated[int, typer.Option(help="REST port for serving.")] = 8000,
 ) -> None:
     """The main job: build the default model repository. Imports the bundled all-MiniLM-L6-v2 into
     our format (checking parity with sentence-transformers), then quantizes it with SAMP under a
-    1-point budget and publishes it as model_repo/minilm-l6/<version>."""
+    1-point budget, publishes it as model_repo/minilm-l6/<version>, and serves the repository on
+    http://127.0.0.1:8000 (Ctrl-C stops it)."""
     from quantizer.samp import SampSettings
     from service.repository import list_versions
     from training.data.gettext_topics import load_gettext_topics
@@ -57,10 +60,14 @@ def up(
     versions = list_versions(model_dir) if model_dir.exists() else []
     if versions and not rebuild:
         console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
-        return
-    records = load_gettext_topics(max_per_topic=200, seed=0)
-    settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
-    _quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL)
+    else:
+        records = load_gettext_topics(max_per_topic=200, seed=0)
+        settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
+        _quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL)
+    if serve_after:
+        console.print(f"try: curl -s localhost:{http_port}/v1/embeddings -H 'content-type: application/json' "
+                      f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
+        serve(repo=repo, host=None, http_port=http_port, threads=None)
 
 
 def _quantize_and_publish(checkpoint, records: list[dict], settings, repo: Path, model: str) -> Path:
@@ -228,6 +235,25 @@ def quantize(
                             calibration_method=calibration_method, threads=threads,
                             sequence_length=sequence_length, repeats=repeats)
     _quantize_and_publish(load_any(checkpoint), read_records(data), settings, repo, model)
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path | None, typer.Option(help="The model repository [default: model_repo].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
+    http_port: Annotated[int | None, typer.Option(help="REST port; 0 picks a free one [default: 8000].")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per model version.")] = None,
+) -> None:
+    """Serve every model in the repository over REST (Open Inference Protocol v2 and /v1 task
+    endpoints). Flags override SAMPSERVE_* environment variables."""
+    import asyncio
+
+    from service.server import serve as run_server
+    from service.settings import Settings
+
+    overrides = {"repo": repo, "host": host, "http_port": http_port, "threads": threads}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    raise typer.Exit(asyncio.run(run_server(settings)))
 
 
 @app.command("generate")

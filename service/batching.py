@@ -22,6 +22,7 @@ is idle adds its whole delay at low load. So:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,10 +152,8 @@ class Batcher(Generic[Item, Result]):
             await asyncio.sleep(0.005)
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     # -- the loop ---------------------------------------------------------------------------
@@ -207,6 +206,7 @@ class Batcher(Generic[Item, Result]):
     async def _execute(self, batch: list[_Pending[Item, Result]]) -> None:
         now = time.monotonic()
         longest = max(p.length for p in batch)
+        self._observer.queued(len(self._queue))
         self._observer.batch(len(batch), sum(p.length for p in batch), longest * len(batch),
                              [now - p.enqueued for p in batch])
         self._busy = True

@@ -1,0 +1,298 @@
+"""REST: the Open Inference Protocol (KServe v2) plus task endpoints people call by hand.
+
+Thin: each route validates its body (pydantic), calls the data plane, and maps errors through
+``service.errors.HTTP_STATUS``. Errors are JSON: ``{"error": "..."}`` on the v2 routes as the
+protocol says, and OpenAI's ``{"error": {"message", "type", "code"}}`` on the /v1 routes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.dataplane import DataPlane
+from service.errors import HTTP_STATUS, InvalidInput, ServiceError
+from service.metrics import Metrics
+from service.models import ModelManager
+
+SERVER_NAME = "sampserve"
+SERVER_VERSION = "0.1.0"
+
+
+# ---------------------------------------------------------------- schemas (Open Inference Protocol)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestInput(_Body):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestOutput(_Body):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(_Body):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+# ---------------------------------------------------------------- schemas (task endpoints)
+
+
+class EmbeddingsRequest(_Body):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+    truncate: bool = Field(False, description="Cut inputs longer than the model's limit instead of a 400.")
+
+
+class ClassifyRequest(_Body):
+    model: str
+    texts: list[str]
+    text_pairs: list[str] | None = None
+    top_k: int = Field(1, ge=1)
+    truncate: bool = False
+
+
+class SimilarityRequest(_Body):
+    model: str
+    pairs: list[list[str]]
+    truncate: bool = False
+
+
+class RerankRequest(_Body):
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=1)
+    truncate: bool = False
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _text_tensor(request: InferRequest) -> tuple[list[str], list[str] | None]:
+    """The BYTES input ``text`` (and optional ``text_pair``) of a v2 request, validated."""
+    tensors = {t.name: t for t in request.inputs}
+    if not request.inputs:
+        raise InvalidInput("inputs: give a BYTES tensor named 'text'")
+    unknown = set(tensors) - {"text", "text_pair"}
+    if unknown:
+        raise InvalidInput(f"inputs: unknown tensor(s) {sorted(unknown)}; this model takes 'text' (and 'text_pair')")
+    if "text" not in tensors:
+        raise InvalidInput("inputs: the BYTES tensor 'text' is missing")
+    values = {name: _bytes_values(tensor) for name, tensor in tensors.items()}
+    pairs = values.get("text_pair")
+    if pairs is not None and len(pairs) != len(values["text"]):
+        raise InvalidInput("inputs: 'text_pair' must have as many elements as 'text'")
+    return values["text"], pairs
+
+
+def _bytes_values(tensor: RequestInput) -> list[str]:
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"inputs.{tensor.name}: datatype must be BYTES, got {tensor.datatype}")
+    if any(d < 0 for d in tensor.shape) or not tensor.shape:
+        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} must be non-negative, e.g. [n] or [n, 1]")
+    count = int(np.prod(tensor.shape))
+    flat = _flatten(tensor.data)
+    if count != len(flat):
+        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} holds {count} elements, data has {len(flat)}")
+    if any(not isinstance(v, str) for v in flat):
+        raise InvalidInput(f"inputs.{tensor.name}: BYTES data must be strings")
+    return flat
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in data:
+        out.extend(_flatten(value) if isinstance(value, list) else [value])
+    return out
+
+
+def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
+    status = HTTP_STATUS[exc.code]
+    if openai_style:
+        return JSONResponse({"error": {"message": exc.message, "type": exc.code.value, "code": status}}, status)
+    return JSONResponse({"error": exc.message}, status)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="sampserve", version=SERVER_VERSION,
+                  description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.")
+    app.state.draining = False
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc, request.url.path.startswith("/v1"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))),
+                      request.url.path.startswith("/v1"))
+
+    def observe(model: str, version: int | str, endpoint: str, outcome: str, start: float) -> None:
+        metrics.requests.labels(model, str(version), endpoint, outcome).inc()
+        metrics.latency.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
+
+    # -- health and metadata (v2) --
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ok = models.ready() and not app.state.draining
+        return JSONResponse({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        loaded = models.get(name, version)
+        state = models.models[name]
+        width = "embeddings" if loaded.config.task == "matching" else "logits"
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(state.versions)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "text_pair", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": width, "datatype": "FP32", "shape": [-1, -1]}],
+            "parameters": {"task": loaded.config.task, "max_length": loaded.head.max_length,
+                           "failed_versions": {str(k): v for k, v in state.failed.items()}},
+        }
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+        try:
+            models.get(name, version)
+        except ServiceError as exc:
+            if exc.code.value == "not_found" and name not in models.models:
+                raise
+            return JSONResponse({"name": name, "ready": False}, 503)
+        return JSONResponse({"name": name, "ready": True}, 200)
+
+    @app.post("/v2/models/{name}/infer", response_model=InferResponse)
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
+    async def infer(name: str, body: InferRequest, version: str | None = None) -> InferResponse:
+        start = time.perf_counter()
+        try:
+            texts, pairs = _text_tensor(body)
+            result = await dataplane.forward(name, version, texts, pairs,
+                                             truncate=bool((body.parameters or {}).get("truncate", False)))
+        except ServiceError as exc:
+            observe(name, version or "", "infer", exc.code.value, start)
+            raise
+        output = "embeddings" if result.head.task == "matching" else "logits"
+        values = result.values.astype(np.float32)
+        observe(name, result.version, "infer", "ok", start)
+        return InferResponse(model_name=name, model_version=str(result.version), id=body.id, outputs=[
+            ResponseOutput(name=output, shape=list(values.shape), datatype="FP32", data=values.ravel().tolist())])
+
+    # -- task endpoints (v1) --
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": SERVER_NAME, "task": state.config.task,
+             "versions": sorted(state.versions)} for name, state in sorted(models.models.items())]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest) -> dict:
+        start = time.perf_counter()
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        try:
+            result = await dataplane.embed(body.model, texts, body.truncate)
+        except ServiceError as exc:
+            observe(body.model, "", "embeddings", exc.code.value, start)
+            raise
+        observe(body.model, result.version, "embeddings", "ok", start)
+        return {"object": "list", "model": body.model, "data": [
+            {"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(result.values)],
+            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict:
+        start = time.perf_counter()
+        try:
+            result, ranked = await dataplane.classify(body.model, body.texts, body.text_pairs, body.top_k,
+                                                      body.truncate)
+        except ServiceError as exc:
+            observe(body.model, "", "classify", exc.code.value, start)
+            raise
+        observe(body.model, result.version, "classify", "ok", start)
+        return {"model": body.model, "version": result.version, "results": [
+            {"label": top[0][0], "score": top[0][1], "top_k": [{"label": lab, "score": s} for lab, s in top]}
+            for top in ranked]}
+
+    @app.post("/v1/similarity")
+    async def similarity(body: SimilarityRequest) -> dict:
+        start = time.perf_counter()
+        try:
+            result, scores = await dataplane.similarity(body.model, body.pairs, body.truncate)
+        except ServiceError as exc:
+            observe(body.model, "", "similarity", exc.code.value, start)
+            raise
+        observe(body.model, result.version, "similarity", "ok", start)
+        return {"model": body.model, "version": result.version, "scores": scores}
+
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankRequest) -> dict:
+        start = time.perf_counter()
+        try:
+            result, ranked = await dataplane.rerank(body.model, body.query, body.documents, body.truncate)
+        except ServiceError as exc:
+            observe(body.model, "", "rerank", exc.code.value, start)
+            raise
+        observe(body.model, result.version, "rerank", "ok", start)
+        ranked = ranked[: body.top_n] if body.top_n else ranked
+        return {"model": body.model, "version": result.version, "results": [
+            {"index": i, "score": s, "document": body.documents[i]} for i, s in ranked]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

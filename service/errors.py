@@ -1,0 +1,71 @@
+"""One error hierarchy with a transport-neutral code, mapped to HTTP and gRPC by one table each."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import grpc
+
+
+class Code(Enum):
+    INVALID = "invalid_argument"
+    NOT_FOUND = "not_found"
+    OVERLOADED = "resource_exhausted"
+    DEADLINE = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class ServiceError(Exception):
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    """The client sent something we cannot serve; the message names the field and the limit."""
+
+    code = Code.INVALID
+
+
+class ModelNotFound(ServiceError):
+    code = Code.NOT_FOUND
+
+
+class Overloaded(ServiceError):
+    code = Code.OVERLOADED
+
+
+class DeadlinePassed(ServiceError):
+    code = Code.DEADLINE
+
+
+class NotReady(ServiceError):
+    code = Code.UNAVAILABLE
+
+
+class ModelFailure(ServiceError):
+    """The model itself failed: a 500, never blamed on the client."""
+
+    code = Code.INTERNAL
+
+
+HTTP_STATUS: dict[Code, int] = {
+    Code.INVALID: 400,
+    Code.NOT_FOUND: 404,
+    Code.OVERLOADED: 429,
+    Code.DEADLINE: 504,
+    Code.UNAVAILABLE: 503,
+    Code.INTERNAL: 500,
+}
+
+GRPC_STATUS: dict[Code, grpc.StatusCode] = {
+    Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}

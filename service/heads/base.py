@@ -1,0 +1,70 @@
+"""Shared by every encoder head: the model's own tokenizer, explicit truncation, padded batches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.errors import InvalidInput
+from service.repository import HEAD_FILE, TOKENIZER_FILE
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized input: the unit the batcher queues and groups by length."""
+
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class TextEncoder:
+    task = ""
+
+    def __init__(self, version_dir: Path) -> None:
+        self.meta: dict = json.loads((Path(version_dir) / HEAD_FILE).read_text())
+        self.max_length: int = int(self.meta["max_length"])
+        self.pad_id: int = int(self.meta.get("pad_token_id", 0))
+        self.input_names: list[str] = list(self.meta["input_names"])
+        self.tokenizer = Tokenizer.from_file(str(Path(version_dir) / TOKENIZER_FILE))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self._truncating = Tokenizer.from_str(self.tokenizer.to_str())
+        self._truncating.enable_truncation(max_length=self.max_length)
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None, truncate: bool = False,
+               field: str = "texts") -> list[Encoded]:
+        """Tokenize; over-long inputs are cut only when the caller asked (else a 400 naming the limit)."""
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidInput(f"{field}: {len(texts)} texts but {len(pairs)} pair texts")
+        tokenizer = self._truncating if truncate else self.tokenizer
+        batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else texts)
+        out = []
+        for index, enc in enumerate(batch):
+            if len(enc.ids) > self.max_length:
+                raise InvalidInput(
+                    f"{field}[{index}] is {len(enc.ids)} tokens; the model takes at most {self.max_length}. "
+                    "Shorten it or set truncate=true"
+                )
+            out.append(Encoded(tuple(enc.ids), tuple(enc.type_ids)))
+        return out
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        """Pad a batch to its longest item (the batcher keeps lengths close)."""
+        longest = max(item.length for item in items)
+        ids = np.full((len(items), longest), self.pad_id, dtype=np.int64)
+        types = np.zeros_like(ids)
+        mask = np.zeros_like(ids)
+        for row, item in enumerate(items):
+            ids[row, : item.length] = item.ids
+            types[row, : item.length] = item.type_ids
+            mask[row, : item.length] = 1
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: feed[name] for name in self.input_names}

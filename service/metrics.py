@@ -1,0 +1,65 @@
+"""Prometheus metrics, labelled by model and version. Names are stable once published."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        labels = ("model", "version")
+        self.requests = Counter("sampserve_requests_total", "Requests by endpoint and outcome.",
+                                ("model", "version", "endpoint", "outcome"), registry=r)
+        self.latency = Histogram("sampserve_request_duration_seconds", "End-to-end request latency.",
+                                 ("model", "version", "endpoint"), buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("sampserve_queue_duration_seconds", "Time an input waited for its batch.",
+                                    labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_time = Histogram("sampserve_compute_duration_seconds", "Runtime time of one batch.",
+                                      labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("sampserve_batch_size", "Inputs per executed batch.", labels,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("sampserve_queue_depth", "Inputs waiting for a batch.", labels, registry=r)
+        self.tokens = Counter("sampserve_tokens_total", "Tokens processed (real, excluding padding).", labels,
+                              registry=r)
+        self.padded_tokens = Counter("sampserve_padded_tokens_total", "Tokens computed, padding included.",
+                                     labels, registry=r)
+        self.dropped = Counter("sampserve_dropped_total", "Inputs dropped before running, by reason.",
+                               ("model", "version", "reason"), registry=r)
+        self.loaded = Gauge("sampserve_model_version_loaded", "1 for each loaded (served) version.", labels,
+                            registry=r)
+        self.load_failures = Counter("sampserve_model_load_failures_total", "Versions that failed to load.",
+                                     labels, registry=r)
+
+    def observer(self, model: str, version: int) -> BatchMetrics:
+        return BatchMetrics(self, model, str(version))
+
+
+class BatchMetrics:
+    """The batcher's observer for one model version."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.m, self.model, self.version = metrics, model, version
+
+    def queued(self, depth: int) -> None:
+        self.m.queue_depth.labels(self.model, self.version).set(depth)
+
+    def batch(self, size: int, tokens: int, padded_tokens: int, queue_seconds: Sequence[float]) -> None:
+        self.m.batch_size.labels(self.model, self.version).observe(size)
+        self.m.tokens.labels(self.model, self.version).inc(tokens)
+        self.m.padded_tokens.labels(self.model, self.version).inc(padded_tokens)
+        histogram = self.m.queue_time.labels(self.model, self.version)
+        for seconds in queue_seconds:
+            histogram.observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        self.m.dropped.labels(self.model, self.version, reason).inc()
+
+    def depth(self, depth: int) -> None:
+        self.m.queue_depth.labels(self.model, self.version).set(depth)

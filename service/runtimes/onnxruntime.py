@@ -1,0 +1,27 @@
+"""The onnxruntime engine. Graph optimization EXTENDED: INT8 kernels fuse only there (FACTS.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class OnnxRuntime:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output_name], {name: feed[name] for name in self.input_names})[0]
+
+    def healthy(self) -> bool:
+        return True

@@ -1,0 +1,62 @@
+"""The server process: load the repository, serve REST, poll for versions, drain on SIGTERM.
+
+SIGTERM (or Ctrl-C) flips readiness to false first, so load balancers stop sending; the HTTP
+server stops accepting and lets in-flight requests finish within ``drain_grace_s``; then every
+model's queue is drained and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+import uvicorn
+
+from service.api.rest import create_app
+from service.dataplane import DataPlane
+from service.metrics import Metrics
+from service.models import ModelManager
+from service.settings import Settings
+
+log = logging.getLogger("sampserve")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def serve(settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = Metrics()
+    models = ModelManager(settings, metrics)
+    await models.refresh()
+    for name, error in models.config_errors.items():
+        log.error("model %s not served: %s", name, error)
+    await models.start_polling()
+    app = create_app(models, DataPlane(models, settings), metrics)
+    sock = bind(settings.host, settings.http_port)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+                            limit_concurrency=None, access_log=False)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
+
+    def stop() -> None:
+        app.state.draining = True  # readiness goes false before anything else
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    host, port = sock.getsockname()[:2]
+    print(f"sampserve: REST on http://{host}:{port} (models: {', '.join(sorted(models.models)) or 'none'})",
+          flush=True)
+    await server.serve(sockets=[sock])
+    await models.close()
+    log.info("drained; bye")
+    return 0

@@ -1,0 +1,188 @@
+"""The real server as a subprocess on a free loopback port, called with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tokenizers import Tokenizer
+
+from quantizer.publish import publish_result
+from quantizer.samp import Samp, SampSettings
+from training.checkpoint import load_checkpoint
+from training.data.tasks import read_records
+
+FAST = {"latency_batches": (1,), "repeats": 1, "sequence_length": 32, "max_examples": 48,
+        "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "dynamic"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
+    """A repository with a matching and a classification model, each published through SAMP."""
+    root = tmp_path_factory.mktemp("repo")
+    records = read_records(topics_data / "dev.jsonl")
+    for name, checkpoint in (("emb", tiny_embedder), ("topics", tiny_classifier)):
+        samp = Samp(load_checkpoint(checkpoint), records, SampSettings(max_drop=0.05, **FAST),
+                    workdir=tmp_path_factory.mktemp(f"samp-{name}"))
+        publish_result(samp, samp.run(), root, name)
+    return root
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str) -> None:
+        self.process, self.url = process, url
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+
+def start_server(repo: Path, *extra: str) -> Server:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", "0", "--threads", "1",
+         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 60
+    url = None
+    lines = []
+    while time.monotonic() < deadline and process.poll() is None:
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        lines.append(line)
+        if "REST on " in line:
+            url = line.split("REST on ", 1)[1].split()[0]
+            break
+    if url is None:
+        process.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines))
+    server = Server(process, url)
+    while time.monotonic() < deadline:
+        if server.http.get("/v2/health/ready").status_code == 200:
+            return server
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server never became ready")
+
+
+@pytest.fixture(scope="module")
+def server(repo) -> Iterator[Server]:
+    running = start_server(repo)
+    yield running
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=30) == 0
+
+
+def _direct(repo: Path, model: str, texts: list[str]) -> np.ndarray:
+    """The published graph run directly, as a reference for what the server returns."""
+    version = repo / model / "1"
+    head = json.loads((version / "head.json").read_text())
+    tokenizer = Tokenizer.from_file(str(version / "tokenizer.json"))
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    rows = []
+    for text in texts:
+        enc = tokenizer.encode(text)
+        feed = {"input_ids": np.array([enc.ids]), "attention_mask": np.ones((1, len(enc.ids)), dtype=np.int64),
+                "token_type_ids": np.array([enc.type_ids])}
+        rows.append(session.run(None, {n: feed[n] for n in head["input_names"]})[0][0])
+    return np.stack(rows)
+
+
+def test_health_and_metadata(server):
+    assert server.http.get("/v2/health/live").json() == {"live": True}
+    assert server.http.get("/v2/health/ready").json() == {"ready": True}
+    assert server.http.get("/v2").json()["name"] == "sampserve"
+    meta = server.http.get("/v2/models/emb").json()
+    assert meta["versions"] == ["1"] and meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    assert server.http.get("/v2/models/emb/versions/1/ready").status_code == 200
+    assert server.http.get("/v1/models").json()["data"][0]["id"] == "emb"
+
+
+def test_tritonclient_http_infer(server, repo):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_ready() and client.is_model_ready("emb")
+    texts = ["Could not open the file.", "commit your changes before merging"]
+    tensor = triton.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    result = client.infer("emb", [tensor])
+    embeddings = result.as_numpy("embeddings")
+    assert embeddings.shape == (2, 64)
+    np.testing.assert_allclose(embeddings, _direct(repo, "emb", texts), atol=1e-5)
+
+
+def test_openai_client_embeddings(server, repo):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    response = client.embeddings.create(model="emb", input=["hello world", "a longer sentence about files"])
+    vectors = np.array([d.embedding for d in response.data])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, _direct(repo, "emb", ["hello world", "a longer sentence about files"]),
+                               atol=1e-5)
+    assert response.usage.prompt_tokens > 4
+
+
+def test_task_endpoints(server):
+    docs = ["the database is locked", "cannot push to remote", "the database is locked!"]
+    ranked = server.http.post("/v1/rerank", json={"model": "emb", "query": "the database is locked",
+                                                  "documents": docs}).json()["results"]
+    assert ranked[0]["index"] == 0 and ranked[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    scores = server.http.post("/v1/similarity", json={"model": "emb", "pairs": [["a b", "a b"], ["a b", "x"]]}).json()
+    assert scores["scores"][0] == pytest.approx(1.0, abs=1e-5) and scores["scores"][1] < 1.0
+    out = server.http.post("/v1/classify", json={"model": "topics", "texts": ["failed to lock the ref"],
+                                                 "top_k": 3}).json()
+    assert len(out["results"][0]["top_k"]) == 3
+    assert sum(item["score"] for item in out["results"][0]["top_k"]) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(("path", "body", "status", "needle"), [
+    ("/v2/models/nope/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]},
+     404, "not in the repository"),
+    ("/v2/models/emb/infer", {"inputs": []}, 400, "'text'"),
+    ("/v2/models/emb/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+     400, "BYTES"),
+    ("/v2/models/emb/infer", {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["x"]}]},
+     400, "holds 3 elements"),
+    ("/v2/models/emb/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}]},
+     400, "strings"),
+    ("/v2/models/emb/infer", {"inputs": None}, 400, "inputs"),
+    ("/v1/embeddings", {"model": "emb", "input": " ".join(["word"] * 400)}, 400, "at most 128"),
+    ("/v1/embeddings", {"model": "emb", "input": []}, 400, "at least one"),
+    ("/v1/embeddings", {"model": "topics", "input": "x"}, 400, "not matching"),
+    ("/v1/classify", {"model": "topics", "texts": ["x"] * 300}, 400, "at most 256"),
+])
+def test_bad_input_is_a_clear_client_error(server, path, body, status, needle):
+    response = server.http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert needle in message
+
+
+def test_truncation_is_explicit(server):
+    long_text = " ".join(["word"] * 400)
+    response = server.http.post("/v1/embeddings", json={"model": "emb", "input": long_text, "truncate": True})
+    assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 64
+
+
+def test_malformed_json_is_400(server):
+    response = server.http.post("/v2/models/emb/infer", content=b"{not json",
+                                headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_metrics_are_exported(server):
+    server.http.post("/v1/embeddings", json={"model": "emb", "input": "count me"})
+    text = server.http.get("/metrics").text
+    for name in ("sampserve_requests_total", "sampserve_request_duration_seconds_bucket", "sampserve_batch_size",
+                 "sampserve_queue_duration_seconds", "sampserve_compute_duration_seconds", "sampserve_queue_depth",
+                 "sampserve_tokens_total", "sampserve_model_version_loaded"):
+        assert name in text, name
+    assert 'sampserve_requests_total{endpoint="embeddings",model="emb",outcome="ok",version="1"}' in text
