@@ -9,6 +9,7 @@ import grpc
 
 class Code(Enum):
     INVALID = "invalid_argument"
+    TOO_LARGE = "payload_too_large"
     NOT_FOUND = "not_found"
     OVERLOADED = "resource_exhausted"
     DEADLINE = "deadline_exceeded"
@@ -28,6 +29,10 @@ class InvalidInput(ServiceError):
     """The client sent something we cannot serve; the message names the field and the limit."""
 
     code = Code.INVALID
+
+
+class PayloadTooLarge(ServiceError):
+    code = Code.TOO_LARGE
 
 
 class ModelNotFound(ServiceError):
@@ -54,6 +59,7 @@ class ModelFailure(ServiceError):
 
 HTTP_STATUS: dict[Code, int] = {
     Code.INVALID: 400,
+    Code.TOO_LARGE: 413,
     Code.NOT_FOUND: 404,
     Code.OVERLOADED: 429,
     Code.DEADLINE: 504,
@@ -63,6 +69,7 @@ HTTP_STATUS: dict[Code, int] = {
 
 GRPC_STATUS: dict[Code, grpc.StatusCode] = {
     Code.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Code.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,

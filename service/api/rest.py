@@ -7,6 +7,8 @@ protocol says, and OpenAI's ``{"error": {"message", "type", "code"}}`` on the /v
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any, Literal
 
@@ -15,10 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.dataplane import DataPlane
-from service.errors import HTTP_STATUS, InvalidInput, ServiceError
+from service.errors import HTTP_STATUS, InvalidInput, PayloadTooLarge, ServiceError
 from service.metrics import Metrics
 from service.models import ModelManager
 
@@ -38,7 +40,7 @@ class RequestInput(_Body):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="Absent when the binary extension carries the tensor.")
 
 
 class RequestOutput(_Body):
@@ -73,7 +75,7 @@ class InferResponse(BaseModel):
 class EmbeddingsRequest(_Body):
     model: str
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
     truncate: bool = Field(False, description="Cut inputs longer than the model's limit instead of a 400.")
 
@@ -125,6 +127,9 @@ def _bytes_values(tensor: RequestInput) -> list[str]:
         raise InvalidInput(f"inputs.{tensor.name}: datatype must be BYTES, got {tensor.datatype}")
     if any(d < 0 for d in tensor.shape) or not tensor.shape:
         raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} must be non-negative, e.g. [n] or [n, 1]")
+    if tensor.data is None:
+        raise InvalidInput(f"inputs.{tensor.name}: data is missing (give data, or binary_data_size with the binary "
+                           "extension)")
     count = int(np.prod(tensor.shape))
     flat = _flatten(tensor.data)
     if count != len(flat):
@@ -141,6 +146,61 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
+async def _read_infer_request(request: Request, max_bytes: int) -> tuple[InferRequest, bool]:
+    """Parse a v2 infer body, JSON or binary-extension; returns it and whether to answer in binary."""
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the {max_bytes}-byte limit "
+                              "(SAMPSERVE_MAX_BODY_BYTES)")
+    header_length = request.headers.get("inference-header-content-length")
+    try:
+        split = int(header_length) if header_length is not None else len(raw)
+    except ValueError:
+        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= split <= len(raw):
+        raise InvalidInput("Inference-Header-Content-Length is larger than the body")
+    try:
+        payload = json.loads(raw[:split])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    try:
+        body = InferRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    binary = raw[split:]
+    offset = 0
+    for tensor in body.inputs:
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"inputs.{tensor.name}: binary_data_size {size} does not fit the body")
+        tensor.data = _decode_bytes_elements(binary[offset : offset + size], tensor.name)
+        offset += size
+    wants_binary = bool((body.parameters or {}).get("binary_data_output")) or any(
+        (o.parameters or {}).get("binary_data") for o in body.outputs or [])
+    return body, wants_binary
+
+
+def _decode_bytes_elements(blob: bytes, name: str) -> list[str]:
+    """BYTES elements of the binary extension: each a 4-byte little-endian length, then the bytes."""
+    out, offset = [], 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            raise InvalidInput(f"inputs.{name}: truncated BYTES element length")
+        length = int.from_bytes(blob[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > len(blob):
+            raise InvalidInput(f"inputs.{name}: BYTES element runs past the data")
+        try:
+            out.append(blob[offset : offset + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"inputs.{name}: element {len(out)} is not UTF-8 text") from None
+        offset += length
+    return out
+
+
 def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
     status = HTTP_STATUS[exc.code]
     if openai_style:
@@ -152,6 +212,9 @@ def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
 
 
 def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> FastAPI:
+    def settings_max_body(_: Request) -> int:
+        return dataplane.settings.max_body_bytes
+
     app = FastAPI(title="sampserve", version=SERVER_VERSION,
                   description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.")
     app.state.draining = False
@@ -216,9 +279,12 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
 
     @app.post("/v2/models/{name}/infer", response_model=InferResponse)
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
-    async def infer(name: str, body: InferRequest, version: str | None = None) -> InferResponse:
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        """JSON, or the binary tensor extension (what tritonclient sends): a JSON header of
+        ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes."""
         start = time.perf_counter()
         try:
+            body, binary_out = await _read_infer_request(request, settings_max_body(request))
             texts, pairs = _text_tensor(body)
             result = await dataplane.forward(name, version, texts, pairs,
                                              truncate=bool((body.parameters or {}).get("truncate", False)))
@@ -228,8 +294,16 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
         output = "embeddings" if result.head.task == "matching" else "logits"
         values = result.values.astype(np.float32)
         observe(name, result.version, "infer", "ok", start)
-        return InferResponse(model_name=name, model_version=str(result.version), id=body.id, outputs=[
-            ResponseOutput(name=output, shape=list(values.shape), datatype="FP32", data=values.ravel().tolist())])
+        header = {"model_name": name, "model_version": str(result.version), "id": body.id,
+                  "outputs": [{"name": output, "shape": list(values.shape), "datatype": "FP32"}]}
+        if not binary_out:
+            header["outputs"][0]["data"] = values.ravel().tolist()
+            return JSONResponse(header)
+        blob = values.astype("<f4").tobytes()
+        header["outputs"][0]["parameters"] = {"binary_data_size": len(blob)}
+        encoded = json.dumps(header).encode()
+        return Response(encoded + blob, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(encoded))})
 
     # -- task endpoints (v1) --
 
@@ -249,8 +323,13 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
             observe(body.model, "", "embeddings", exc.code.value, start)
             raise
         observe(body.model, result.version, "embeddings", "ok", start)
+        def encode(row: np.ndarray) -> list[float] | str:
+            if body.encoding_format == "base64":  # what the openai client asks for by default
+                return base64.b64encode(row.astype("<f4").tobytes()).decode()
+            return row.tolist()
+
         return {"object": "list", "model": body.model, "data": [
-            {"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(result.values)],
+            {"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(result.values)],
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}
 
     @app.post("/v1/classify")

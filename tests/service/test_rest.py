@@ -186,3 +186,26 @@ def test_metrics_are_exported(server):
                  "sampserve_tokens_total", "sampserve_model_version_loaded"):
         assert name in text, name
     assert 'sampserve_requests_total{endpoint="embeddings",model="emb",outcome="ok",version="1"}' in text
+
+
+def _binary_body(texts: list[bytes]) -> tuple[bytes, dict]:
+    blob = b"".join(len(t).to_bytes(4, "little") + t for t in texts)
+    header = json.dumps({"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header)),
+                           "content-type": "application/octet-stream"}
+
+
+def test_binary_extension_rejects_bad_bytes(server):
+    body, headers = _binary_body([b"fine", b"\xff\xfe not utf-8"])
+    response = server.http.post("/v2/models/emb/infer", content=body, headers=headers)
+    assert response.status_code == 400 and "not UTF-8" in response.json()["error"]
+    body, headers = _binary_body([b"fine"])
+    headers["Inference-Header-Content-Length"] = str(len(body) + 10)
+    assert server.http.post("/v2/models/emb/infer", content=body, headers=headers).status_code == 400
+
+
+def test_oversized_body_is_413(server):
+    huge = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * (5 * 1024 * 1024)]}]}
+    response = server.http.post("/v2/models/emb/infer", json=huge)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
