@@ -67,7 +67,7 @@ def up(
     if serve_after:
         console.print(f"try: curl -s localhost:{http_port}/v1/embeddings -H 'content-type: application/json' "
                       f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
-        serve(repo=repo, host=None, http_port=http_port, threads=None)
+        serve(repo=repo, host=None, http_port=http_port, grpc_port=None, threads=None)
 
 
 def _quantize_and_publish(checkpoint, records: list[dict], settings, repo: Path, model: str) -> Path:
@@ -242,6 +242,7 @@ def serve(
     repo: Annotated[Path | None, typer.Option(help="The model repository [default: model_repo].")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
     http_port: Annotated[int | None, typer.Option(help="REST port; 0 picks a free one [default: 8000].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one [default: 8001].")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads per model version.")] = None,
 ) -> None:
     """Serve every model in the repository over REST (Open Inference Protocol v2 and /v1 task
@@ -251,7 +252,7 @@ def serve(
     from service.server import serve as run_server
     from service.settings import Settings
 
-    overrides = {"repo": repo, "host": host, "http_port": http_port, "threads": threads}
+    overrides = {"repo": repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "threads": threads}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     raise typer.Exit(asyncio.run(run_server(settings)))
 

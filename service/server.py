@@ -14,6 +14,7 @@ import socket
 
 import uvicorn
 
+from service.api.grpc import GrpcServer
 from service.api.rest import create_app
 from service.dataplane import DataPlane
 from service.metrics import Metrics
@@ -39,7 +40,10 @@ async def serve(settings: Settings) -> int:
     for name, error in models.config_errors.items():
         log.error("model %s not served: %s", name, error)
     await models.start_polling()
-    app = create_app(models, DataPlane(models, settings), metrics)
+    dataplane = DataPlane(models, settings)
+    app = create_app(models, dataplane, metrics)
+    grpc_server = GrpcServer(models, dataplane, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
+    await grpc_server.start()
     sock = bind(settings.host, settings.http_port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
                             limit_concurrency=None, access_log=False)
@@ -48,15 +52,24 @@ async def serve(settings: Settings) -> int:
 
     def stop() -> None:
         app.state.draining = True  # readiness goes false before anything else
+        grpc_server.inference.draining = True
         server.should_exit = True
+
+    async def sync_health() -> None:
+        while True:
+            await grpc_server.set_serving(models.ready() and not app.state.draining)
+            await asyncio.sleep(min(settings.poll_interval_s, 1.0))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
     host, port = sock.getsockname()[:2]
-    print(f"sampserve: REST on http://{host}:{port} (models: {', '.join(sorted(models.models)) or 'none'})",
-          flush=True)
+    health_task = loop.create_task(sync_health())
+    print(f"sampserve: REST on http://{host}:{port} gRPC on {host}:{grpc_server.port} "
+          f"(models: {', '.join(sorted(models.models)) or 'none'})", flush=True)
     await server.serve(sockets=[sock])
+    health_task.cancel()
+    await grpc_server.drain(settings.drain_grace_s)
     await models.close()
     log.info("drained; bye")
     return 0

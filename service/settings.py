@@ -14,6 +14,7 @@ class Settings(BaseSettings):
     repo: Path = Field(Path("model_repo"), description="The model repository to serve.")
     host: str = Field("127.0.0.1", description="Address to bind; loopback unless told otherwise.")
     http_port: int = Field(8000, ge=0, le=65535, description="REST port (0: pick a free one).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per model version.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is checked for versions.")
     request_timeout_s: float = Field(30.0, gt=0, description="A request still queued after this gets 504.")

@@ -1,97 +1,13 @@
-"""The real server as a subprocess on a free loopback port, called with real clients."""
+"""The real server as a subprocess on a free loopback port, called with real HTTP clients."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
 
-from quantizer.publish import publish_result
-from quantizer.samp import Samp, SampSettings
-from training.checkpoint import load_checkpoint
-from training.data.tasks import read_records
-
-FAST = {"latency_batches": (1,), "repeats": 1, "sequence_length": 32, "max_examples": 48,
-        "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "dynamic"}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
-    """A repository with a matching and a classification model, each published through SAMP."""
-    root = tmp_path_factory.mktemp("repo")
-    records = read_records(topics_data / "dev.jsonl")
-    for name, checkpoint in (("emb", tiny_embedder), ("topics", tiny_classifier)):
-        samp = Samp(load_checkpoint(checkpoint), records, SampSettings(max_drop=0.05, **FAST),
-                    workdir=tmp_path_factory.mktemp(f"samp-{name}"))
-        publish_result(samp, samp.run(), root, name)
-    return root
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen, url: str) -> None:
-        self.process, self.url = process, url
-        self.http = httpx.Client(base_url=url, timeout=30)
-
-
-def start_server(repo: Path, *extra: str) -> Server:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", "0", "--threads", "1",
-         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 60
-    url = None
-    lines = []
-    while time.monotonic() < deadline and process.poll() is None:
-        line = process.stdout.readline()  # type: ignore[union-attr]
-        lines.append(line)
-        if "REST on " in line:
-            url = line.split("REST on ", 1)[1].split()[0]
-            break
-    if url is None:
-        process.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines))
-    server = Server(process, url)
-    while time.monotonic() < deadline:
-        if server.http.get("/v2/health/ready").status_code == 200:
-            return server
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server never became ready")
-
-
-@pytest.fixture(scope="module")
-def server(repo) -> Iterator[Server]:
-    running = start_server(repo)
-    yield running
-    running.process.send_signal(signal.SIGTERM)
-    assert running.process.wait(timeout=30) == 0
-
-
-def _direct(repo: Path, model: str, texts: list[str]) -> np.ndarray:
-    """The published graph run directly, as a reference for what the server returns."""
-    version = repo / model / "1"
-    head = json.loads((version / "head.json").read_text())
-    tokenizer = Tokenizer.from_file(str(version / "tokenizer.json"))
-    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
-    rows = []
-    for text in texts:
-        enc = tokenizer.encode(text)
-        feed = {"input_ids": np.array([enc.ids]), "attention_mask": np.ones((1, len(enc.ids)), dtype=np.int64),
-                "token_type_ids": np.array([enc.type_ids])}
-        rows.append(session.run(None, {n: feed[n] for n in head["input_names"]})[0][0])
-    return np.stack(rows)
-
+from .conftest import _direct, assert_same_rows
 
 def test_health_and_metadata(server):
     assert server.http.get("/v2/health/live").json() == {"live": True}
@@ -114,7 +30,7 @@ def test_tritonclient_http_infer(server, repo):
     result = client.infer("emb", [tensor])
     embeddings = result.as_numpy("embeddings")
     assert embeddings.shape == (2, 64)
-    np.testing.assert_allclose(embeddings, _direct(repo, "emb", texts), atol=1e-5)
+    assert_same_rows(embeddings, _direct(repo, "emb", texts))
 
 
 def test_openai_client_embeddings(server, repo):
@@ -124,8 +40,7 @@ def test_openai_client_embeddings(server, repo):
     response = client.embeddings.create(model="emb", input=["hello world", "a longer sentence about files"])
     vectors = np.array([d.embedding for d in response.data])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(vectors, _direct(repo, "emb", ["hello world", "a longer sentence about files"]),
-                               atol=1e-5)
+    assert_same_rows(vectors, _direct(repo, "emb", ["hello world", "a longer sentence about files"]))
     assert response.usage.prompt_tokens > 4
 
 
