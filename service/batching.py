@@ -36,6 +36,10 @@ class QueueFull(Exception):
     """The model's queue is at capacity: the request is refused without waiting."""
 
 
+class BatcherClosed(QueueFull):
+    """This version is being retired: the caller may retry on the version that replaced it."""
+
+
 class DeadlineExceeded(Exception):
     """The request's deadline passed before its batch ran."""
 
@@ -113,31 +117,47 @@ class Batcher(Generic[Item, Result]):
     async def submit(self, item: Item, length: int, timeout_s: float | None = None) -> Result:
         """Queue one item of ``length`` tokens; resolve to its result. Raises QueueFull at once when
         the queue is at capacity, DeadlineExceeded when ``timeout_s`` passes first."""
+        return (await self.submit_many([(item, length)], timeout_s))[0]
+
+    async def submit_many(self, items: list[tuple[Item, int]], timeout_s: float | None = None) -> list[Result]:
+        """Queue all items of one request at once, or none of them: a request is admitted whole
+        (so a refused request leaves no orphan work behind), then each item is batched on its own."""
         if self._closed:
-            raise QueueFull("the model is shutting down")
-        if len(self._queue) >= self.policy.max_queue_size:
+            raise BatcherClosed("this model version is shutting down")
+        if len(self._queue) + len(items) > self.policy.max_queue_size:
             self._observer.dropped("queue_full")
-            raise QueueFull(f"queue is full ({self.policy.max_queue_size} requests); retry later")
-        if length > self.policy.max_batch_tokens:
-            raise ValueError(f"input of {length} tokens exceeds max_batch_tokens={self.policy.max_batch_tokens}")
+            raise QueueFull(f"queue is full ({len(self._queue)} of {self.policy.max_queue_size} inputs waiting); "
+                            "retry later")
+        for _, length in items:
+            if length > self.policy.max_batch_tokens:
+                raise ValueError(f"input of {length} tokens exceeds max_batch_tokens={self.policy.max_batch_tokens}")
         self.start()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         deadline = now + timeout_s if timeout_s is not None else None
-        pending = _Pending(item, length, loop.create_future(), now, deadline, self._counter)
-        self._counter += 1
-        self._queue.append(pending)
+        pending = []
+        for item, length in items:
+            pending.append(_Pending(item, length, loop.create_future(), now, deadline, self._counter))
+            self._counter += 1
+        self._queue.extend(pending)
         self._observer.queued(len(self._queue))
         self._wakeup.set()
+        futures = [p.future for p in pending]
         try:
             if timeout_s is None:
-                return await pending.future
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+                return list(await asyncio.gather(*futures))
+            return list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), timeout_s))
         except TimeoutError:
-            pending.future.cancel()
+            for future in futures:
+                future.cancel()
             raise DeadlineExceeded(f"no result within {timeout_s:.3f}s") from None
         except asyncio.CancelledError:
-            pending.future.cancel()  # the caller has gone: the batch former will drop it
+            for future in futures:
+                future.cancel()  # the caller has gone: the batch former will drop its inputs
+            raise
+        except Exception:
+            for future in futures:
+                future.cancel()  # one input failed: the request fails whole, drop the rest
             raise
 
     async def close(self, drain: bool = True) -> None:
@@ -146,7 +166,7 @@ class Batcher(Generic[Item, Result]):
         if not drain:
             for pending in self._queue:
                 if not pending.future.done():
-                    pending.future.set_exception(QueueFull("the model is shutting down"))
+                    pending.future.set_exception(BatcherClosed("the model is shutting down"))
             self._queue.clear()
         while drain and (self._queue or self._busy):
             await asyncio.sleep(0.005)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batching import DeadlineExceeded, QueueFull
+from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
 from service.errors import DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
 from service.heads import ClassificationHead, MatchingHead
 from service.models import LoadedVersion, ModelManager
@@ -56,7 +56,15 @@ class DataPlane:
             self.head_of(loaded, task)
         items = loaded.head.encode(texts, pairs, truncate, field)
         try:
-            values = await loaded.run(items, self.settings.request_timeout_s)
+            try:
+                values = await loaded.run(items, self.settings.request_timeout_s)
+            except BatcherClosed:
+                if version not in (None, ""):
+                    raise
+                # the version was swapped out between lookup and queueing: run on its successor
+                loaded = self.models.get(model, None)
+                values = await loaded.run(loaded.head.encode(texts, pairs, truncate, field),
+                                          self.settings.request_timeout_s)
         except QueueFull as exc:
             raise Overloaded(f"model {model!r}: {exc}") from None
         except DeadlineExceeded as exc:

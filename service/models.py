@@ -42,8 +42,8 @@ class LoadedVersion:
     batcher: Batcher[Encoded, np.ndarray]
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
-        """Each input queued on its own (so the batcher can group by length); rows in input order."""
-        rows = await asyncio.gather(*(self.batcher.submit(item, item.length, timeout_s) for item in items))
+        """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
+        rows = await self.batcher.submit_many([(item, item.length) for item in items], timeout_s)
         return np.stack(rows)
 
 
@@ -129,25 +129,31 @@ class ModelManager:
                 continue
             self.config_errors.pop(name, None)
             state = self.models.setdefault(name, ModelState(config))
-            wanted = config.version_policy.select(list_versions(repo / name))
-            for version in wanted:
-                if version in state.versions or version in state.failed:
-                    continue
-                try:
-                    loaded = await asyncio.to_thread(self._build, name, config, version)
-                except Exception as exc:  # a bad version never replaces a good one
-                    state.failed[version] = f"{type(exc).__name__}: {exc}"
-                    self.metrics.load_failures.labels(name, str(version)).inc()
-                    log.error("model %s version %d failed to load: %s", name, version, exc)
-                    continue
-                state.versions[version] = loaded
-                self.metrics.loaded.labels(name, str(version)).set(1)
-                log.info("model %s version %d loaded", name, version)
+            available = list_versions(repo / name)
+            while True:  # until every wanted version is loaded; failures drop out of the choice
+                wanted = config.version_policy.select([v for v in available if v not in state.failed])
+                missing = [v for v in wanted if v not in state.versions]
+                if not missing:
+                    break
+                for version in missing:
+                    await self._load(name, config, version, state)
             for version in [v for v in state.versions if v not in wanted]:
                 old = state.versions.pop(version)
                 self.metrics.loaded.labels(name, str(version)).set(0)
                 await old.batcher.close(drain=True)
                 log.info("model %s version %d unloaded", name, version)
+
+    async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:
+        try:
+            loaded = await asyncio.to_thread(self._build, name, config, version)
+        except Exception as exc:  # a bad version never replaces a good one
+            state.failed[version] = f"{type(exc).__name__}: {exc}"
+            self.metrics.load_failures.labels(name, str(version)).inc()
+            log.error("model %s version %d failed to load: %s", name, version, exc)
+            return
+        state.versions[version] = loaded
+        self.metrics.loaded.labels(name, str(version)).set(1)
+        log.info("model %s version %d loaded", name, version)
 
     async def start_polling(self) -> None:
         async def poll() -> None:

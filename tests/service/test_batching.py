@@ -140,3 +140,19 @@ async def test_too_long_input_is_a_client_error():
     with pytest.raises(ValueError, match="max_batch_tokens"):
         await batcher.submit("x", length=17)
     await batcher.close()
+
+
+async def test_a_request_is_admitted_whole_or_not_at_all():
+    runner = Recorder()
+    runner.release = asyncio.Event()
+    batcher = Batcher(runner, BatchPolicy(max_queue_size=4))
+    running = asyncio.create_task(batcher.submit("run", length=1))
+    await runner.started.wait()
+    with pytest.raises(QueueFull):
+        await batcher.submit_many([(i, 1) for i in range(5)])
+    assert batcher.depth == 0  # nothing of the refused request was left queued
+    admitted = asyncio.create_task(batcher.submit_many([(i, 1) for i in range(4)]))
+    await asyncio.sleep(0)
+    runner.release.set()
+    assert await admitted == [f"out-{i}" for i in range(4)] and await running == "out-run"
+    await batcher.close()
