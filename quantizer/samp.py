@@ -308,4 +308,4 @@ class Samp:
 
     def _step(self, text: str) -> None:
         if self.progress is not None:
-            self.progress.console.log(text)
+            self.progress.console.print(f"[dim]·[/] {text}")

@@ -294,8 +294,10 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
         output = "embeddings" if result.head.task == "matching" else "logits"
         values = result.values.astype(np.float32)
         observe(name, result.version, "infer", "ok", start)
-        header = {"model_name": name, "model_version": str(result.version), "id": body.id,
-                  "outputs": [{"name": output, "shape": list(values.shape), "datatype": "FP32"}]}
+        header: dict[str, Any] = {"model_name": name, "model_version": str(result.version),
+                                  "outputs": [{"name": output, "shape": list(values.shape), "datatype": "FP32"}]}
+        if body.id is not None:
+            header["id"] = body.id
         if not binary_out:
             header["outputs"][0]["data"] = values.ravel().tolist()
             return JSONResponse(header)
