@@ -27,6 +27,16 @@ class Recorder:
         return [f"out-{i}" for i in items]
 
 
+async def busy_batcher(policy: BatchPolicy) -> tuple[Recorder, Batcher, asyncio.Task]:
+    """A batcher whose runtime is held busy by one request until ``runner.release`` is set."""
+    runner = Recorder()
+    runner.release = asyncio.Event()
+    batcher = Batcher(runner, policy)
+    first = asyncio.create_task(batcher.submit("first", length=1))
+    await runner.started.wait()
+    return runner, batcher, first
+
+
 async def test_a_lone_request_runs_at_once():
     runner = Recorder()
     batcher = Batcher(runner, BatchPolicy())
@@ -57,11 +67,7 @@ async def test_requests_queued_behind_a_running_batch_are_grouped_by_length():
 
 
 async def test_token_budget_counts_padding():
-    runner = Recorder()
-    runner.release = asyncio.Event()
-    batcher = Batcher(runner, BatchPolicy(max_batch_size=32, max_batch_tokens=100))
-    blocker = asyncio.create_task(batcher.submit("x", length=1))
-    await runner.started.wait()
+    runner, batcher, blocker = await busy_batcher(BatchPolicy(max_batch_size=32, max_batch_tokens=100))
     tasks = [asyncio.create_task(batcher.submit(i, length=30)) for i in range(5)]
     await asyncio.sleep(0.01)
     runner.release.set()
@@ -71,11 +77,7 @@ async def test_token_budget_counts_padding():
 
 
 async def test_full_queue_refuses_at_once():
-    runner = Recorder()
-    runner.release = asyncio.Event()
-    batcher = Batcher(runner, BatchPolicy(max_queue_size=2))
-    running = asyncio.create_task(batcher.submit("run", length=1))
-    await runner.started.wait()
+    runner, batcher, running = await busy_batcher(BatchPolicy(max_queue_size=2))
     waiting = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(2)]
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()
@@ -84,16 +86,12 @@ async def test_full_queue_refuses_at_once():
         await batcher.submit("overflow", length=1)
     assert loop.time() - start < 0.01
     runner.release.set()
-    assert await asyncio.gather(running, *waiting) == ["out-run", "out-0", "out-1"]  # nothing accepted is lost
+    assert await asyncio.gather(running, *waiting) == ["out-first", "out-0", "out-1"]  # nothing accepted is lost
     await batcher.close()
 
 
 async def test_deadline_and_gone_clients_are_dropped_before_batching():
-    runner = Recorder()
-    runner.release = asyncio.Event()
-    batcher = Batcher(runner, BatchPolicy())
-    running = asyncio.create_task(batcher.submit("run", length=1))
-    await runner.started.wait()
+    runner, batcher, running = await busy_batcher(BatchPolicy())
     late = asyncio.create_task(batcher.submit("late", length=1, timeout_s=0.01))
     gone = asyncio.create_task(batcher.submit("gone", length=1))
     kept = asyncio.create_task(batcher.submit("kept", length=1))
@@ -102,17 +100,13 @@ async def test_deadline_and_gone_clients_are_dropped_before_batching():
     with pytest.raises(DeadlineExceeded):
         await late
     runner.release.set()
-    assert await running == "out-run" and await kept == "out-kept"
+    assert await running == "out-first" and await kept == "out-kept"
     assert runner.batches[1] == ["kept"]  # neither the expired nor the abandoned request ran
     await batcher.close()
 
 
 async def test_a_failed_batch_fails_each_of_its_requests_and_serving_goes_on():
-    runner = Recorder()
-    runner.release = asyncio.Event()
-    batcher = Batcher(runner, BatchPolicy())
-    blocker = asyncio.create_task(batcher.submit("x", length=1))
-    await runner.started.wait()
+    runner, batcher, blocker = await busy_batcher(BatchPolicy())
     doomed = [asyncio.create_task(batcher.submit(v, length=1)) for v in ("boom", "ok")]
     await asyncio.sleep(0)
     runner.release.set()
@@ -143,16 +137,12 @@ async def test_too_long_input_is_a_client_error():
 
 
 async def test_a_request_is_admitted_whole_or_not_at_all():
-    runner = Recorder()
-    runner.release = asyncio.Event()
-    batcher = Batcher(runner, BatchPolicy(max_queue_size=4))
-    running = asyncio.create_task(batcher.submit("run", length=1))
-    await runner.started.wait()
+    runner, batcher, running = await busy_batcher(BatchPolicy(max_queue_size=4))
     with pytest.raises(QueueFull):
         await batcher.submit_many([(i, 1) for i in range(5)])
     assert batcher.depth == 0  # nothing of the refused request was left queued
     admitted = asyncio.create_task(batcher.submit_many([(i, 1) for i in range(4)]))
     await asyncio.sleep(0)
     runner.release.set()
-    assert await admitted == [f"out-{i}" for i in range(4)] and await running == "out-run"
+    assert await admitted == [f"out-{i}" for i in range(4)] and await running == "out-first"
     await batcher.close()
