@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from bench.docs import write_section  # noqa: E402
 from quantizer.report import print_table  # noqa: E402
 from quantizer.samp import Samp, SampReport, SampSettings  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
@@ -30,8 +31,7 @@ from training.data.tasks import read_records  # noqa: E402
 from training.jobs import TrainJob, bundled_minilm_dir, console, import_checkpoint, run_training  # noqa: E402
 from training.trainer import TrainSettings  # noqa: E402
 
-MARK_BEGIN = "<!-- bench/quantize.py begin -->"
-MARK_END = "<!-- bench/quantize.py end -->"
+MARKS = ("<!-- bench/quantize.py begin -->", "<!-- bench/quantize.py end -->")
 
 
 def markdown(title: str, report: SampReport) -> str:
@@ -54,20 +54,6 @@ def markdown(title: str, report: SampReport) -> str:
         )
     notes = "\n".join(f"- {n}" for n in [report.verdict, *report.notes])
     return f"### {title}\n\n" + "\n".join(rows) + "\n\n" + notes + "\n"
-
-
-def write_section(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    intro = "# Benchmarks\n\nMeasured on this project's machines; each section names the command that reproduces it.\n"
-    existing = path.read_text() if path.exists() else intro
-    section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in existing:
-        before, rest = existing.split(MARK_BEGIN, 1)
-        after = rest.split(MARK_END, 1)[1]
-        existing = before + section + after
-    else:
-        existing = existing.rstrip() + "\n\n" + section + "\n"
-    path.write_text(existing)
 
 
 def main() -> None:
@@ -109,7 +95,7 @@ def main() -> None:
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
               f"{args.repeats} runs; {os.cpu_count()} cores, {cpu}, torch {torch.__version__}, CPU only). "
               "Ratios are measured side by side in one run; absolute times move about 10% between runs.\n")
-    write_section(header + "\n" + "\n".join(sections), args.out)
+    write_section(header + "\n" + "\n".join(sections), args.out, MARKS)
     console.print(f"wrote {args.out}")
 
 

@@ -1,0 +1,226 @@
+"""Serving benchmark: sampserve against the in-process ceiling and MLServer, side by side, one run.
+
+    python bench/serve.py                    # writes its section of docs/benchmarks.md
+
+The same FP32 ONNX file of all-MiniLM-L6-v2 is served by: sampserve REST (batching on and off)
+and gRPC, MLServer 1.7.1 (minimal onnxruntime runtime, batching off and adaptive), and, for the
+gain a user gets, sampserve REST with the SAMP plan. Load comes from bench/loadgen.py in its own
+process (aiohttp / grpc.aio), one real sentence per request, at 1, 16 and 64 closed-loop clients.
+The ceiling is the same file through onnxruntime in-process with length-sorted batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.docs import write_section  # noqa: E402
+from quantizer.engines import ort_session  # noqa: E402
+from quantizer.publish import publish_fp32  # noqa: E402
+from service.repository import MODEL_CONFIG_FILE, list_versions  # noqa: E402
+from training.data.gettext_topics import load_gettext_topics  # noqa: E402
+from training.jobs import bundled_minilm_dir, console, import_checkpoint  # noqa: E402
+from training.tokenization import configured  # noqa: E402
+
+MARKS = ("<!-- bench/serve.py begin -->", "<!-- bench/serve.py end -->")
+PEER_PYTHON = Path("/tmp/mlserver-env/bin/python")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sentences(count: int = 512, seed: int = 0) -> list[str]:
+    """Real English sentences of 8-52 words (gettext messages shipped with Debian's packages)."""
+    texts = [r["text"] for r in load_gettext_topics(max_per_topic=None, seed=seed)]
+    chosen = [t for t in texts if 8 <= len(t.split()) <= 52]
+    random.Random(seed).shuffle(chosen)
+    return chosen[:count]
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became ready")
+
+
+def load(url: str, model: str, clients: int, seconds: float, sentence_file: Path, protocol: str = "http") -> dict:
+    command = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--model", model, "--clients",
+               str(clients), "--seconds", str(seconds), "--sentences", str(sentence_file), "--protocol", protocol]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ceiling(model_dir: Path, texts: list[str], threads: int) -> tuple[float, int]:
+    """Sentences/s through onnxruntime in-process, tokenization included, length-sorted batches;
+    the best of batch sizes 8, 16 and 32."""
+    from tokenizers import Tokenizer
+
+    session = ort_session(model_dir / "model.onnx", threads)
+    tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
+    best = (0.0, 0)
+    for batch in (8, 16, 32):
+        start = time.perf_counter()
+        done = 0
+        while time.perf_counter() - start < 8:
+            encodings = sorted(tokenizer.encode_batch(texts), key=lambda e: len(e.ids))
+            for i in range(0, len(encodings), batch):
+                chunk = encodings[i : i + batch]
+                longest = max(len(e.ids) for e in chunk)
+                ids = np.zeros((len(chunk), longest), dtype=np.int64)
+                mask = np.zeros_like(ids)
+                for row, e in enumerate(chunk):
+                    ids[row, : len(e.ids)] = e.ids
+                    mask[row, : len(e.ids)] = 1
+                session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+                done += len(chunk)
+        rate = done / (time.perf_counter() - start)
+        best = max(best, (rate, batch))
+    return best
+
+
+class Process:
+    def __init__(self, command: list[str], env: dict | None = None) -> None:
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def prepare_repo(work: Path) -> Path:
+    """fp32 (batching on), fp32-nobatch (max batch 1) and, when built, the SAMP plan of `sampserve up`."""
+    repo = work / "repo"
+    checkpoint = import_checkpoint(bundled_minilm_dir(), work / "minilm")
+    publish_fp32(checkpoint, repo, "fp32", work)
+    shutil.copytree(repo / "fp32", repo / "fp32-nobatch")
+    config = json.loads((repo / "fp32-nobatch" / MODEL_CONFIG_FILE).read_text())
+    config.update(name="fp32-nobatch")
+    config["batching"]["max_batch_size"] = 1
+    (repo / "fp32-nobatch" / MODEL_CONFIG_FILE).write_text(json.dumps(config))
+    built = ROOT / "model_repo" / "minilm-l6"
+    if built.exists() and list_versions(built):
+        (repo / "samp").mkdir()
+        config = json.loads((built / MODEL_CONFIG_FILE).read_text())
+        config.update(name="samp")
+        (repo / "samp" / MODEL_CONFIG_FILE).write_text(json.dumps(config))
+        shutil.copytree(built / str(list_versions(built)[-1]), repo / "samp" / "1")
+    return repo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    texts = sentences()
+    sentence_file = work / "sentences.json"
+    sentence_file.write_text(json.dumps(texts))
+    repo = prepare_repo(work)
+    rows: list[tuple[str, int, dict]] = []
+
+    rate, batch = ceiling(repo / "fp32" / "1", texts, args.threads)
+    console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch})")
+
+    http, grpc_port = free_port(), free_port()
+    ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+                    "--grpc-port", str(grpc_port), "--threads", str(args.threads)])
+    try:
+        url = f"http://127.0.0.1:{http}"
+        wait_ready(url)
+        for clients in args.clients:
+            for label, model, protocol, target in (
+                ("sampserve REST, FP32", "fp32", "http", url),
+                ("sampserve REST, FP32, batching off", "fp32-nobatch", "http", url),
+                ("sampserve gRPC, FP32", "fp32", "grpc", f"127.0.0.1:{grpc_port}"),
+                ("sampserve REST, SAMP plan", "samp", "http", url),
+            ):
+                if model == "samp" and not (repo / "samp").exists():
+                    continue
+                result = load(target, model, clients, args.seconds, sentence_file, protocol)
+                rows.append((label, clients, result))
+                console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
+                              f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+    finally:
+        ours.stop()
+
+    if PEER_PYTHON.exists():
+        rows += run_mlserver(repo / "fp32" / "1", args, sentence_file)
+    else:
+        console.print(f"MLServer peer skipped: {PEER_PYTHON} missing (see bench/peers/README.md)")
+
+    write_section(markdown(rows, rate, batch, args), args.out, MARKS)
+    console.print(f"wrote {args.out}")
+
+
+def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path) -> list[tuple[str, int, dict]]:
+    rows = []
+    for label, batching in (("MLServer 1.7.1, FP32, batching off", []),
+                            ("MLServer 1.7.1, FP32, adaptive batching 32 / 5 ms",
+                             ["--max-batch-size", "32", "--max-batch-time", "0.005"])):
+        http, grpc_port = free_port(), free_port()
+        peer = Process([str(PEER_PYTHON), str(ROOT / "bench" / "peers" / "mlserver_serve.py"), "--model-dir",
+                        str(model_dir), "--http-port", str(http), "--grpc-port", str(grpc_port), "--threads",
+                        str(args.threads), *batching])
+        try:
+            url = f"http://127.0.0.1:{http}"
+            wait_ready(url)
+            for clients in args.clients:
+                result = load(url, "minilm", clients, args.seconds, sentence_file)
+                rows.append((label, clients, result))
+                console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
+                              f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+        finally:
+            peer.stop()
+    return rows
+
+
+def markdown(rows: list[tuple[str, int, dict]], rate: float, batch: int, args: argparse.Namespace) -> str:
+    lines = ["## Serving: sampserve vs MLServer and the in-process ceiling", "",
+             f"`python bench/serve.py` ({args.seconds:.0f} s per point, {args.threads} onnxruntime threads, "
+             f"{os.cpu_count()} cores, CPU only; one real sentence of 8-52 words per request; load from "
+             "bench/loadgen.py in its own process). In-process ceiling, same FP32 file, tokenization "
+             f"included: **{rate:.0f} sentences/s** (length-sorted batches of {batch}).", "",
+             "| server | clients | req/s | p50 ms | p99 ms | vs ceiling | errors |", "|---|---|---|---|---|---|---|"]
+    for label, clients, r in rows:
+        errors = {k: v for k, v in r["codes"].items() if k not in ("200", "OK")}
+        lines.append(f"| {label} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['rps'] / rate:.0%} | {errors or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+import socket
+
+from service.server import bind
+from service.settings import Settings
+
+
+def test_listening_socket_turns_nagle_off_and_binds_loopback():
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY on accepted sockets only then
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
+def test_settings_default_to_loopback_and_read_the_environment(monkeypatch):
+    assert Settings().host == "127.0.0.1"
+    monkeypatch.setenv("SAMPSERVE_HTTP_PORT", "9100")
+    monkeypatch.setenv("SAMPSERVE_REQUEST_TIMEOUT_S", "2.5")
+    settings = Settings()
+    assert settings.http_port == 9100 and settings.request_timeout_s == 2.5
