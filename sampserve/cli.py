@@ -27,6 +27,7 @@ PoolingName = Enum("PoolingName", {name: name for name in POOLING}, type=str)
 ConfigName = Enum("ConfigName", {name: name for name in available_configs()}, type=str)
 DEFAULT_WORKDIR = Path("runs")
 DEFAULT_MODEL = "minilm-l6"
+DEFAULT_CLASSIFIER = "topics-cls"
 
 
 @app.command()
@@ -37,14 +38,14 @@ def up(
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the repository once built.")] = True,
     http_port: Annotated[int, typer.Option(help="REST port for serving.")] = 8000,
 ) -> None:
-    """The main job: build the default model repository. Imports the bundled all-MiniLM-L6-v2 into
-    our format (checking parity with sentence-transformers), then quantizes it with SAMP under a
-    1-point budget, publishes it as model_repo/minilm-l6/<version>, and serves the repository on
-    http://127.0.0.1:8000 (Ctrl-C stops it)."""
+    """The main job: build the default model repository and serve it. Imports the bundled
+    all-MiniLM-L6-v2 into our format (checking parity with sentence-transformers), quantizes it
+    with SAMP under a 1-point budget into model_repo/minilm-l6/, fine-tunes a topic classifier
+    from it and quantizes that into model_repo/topics-cls/, then serves the repository on
+    http://127.0.0.1:8000 and :8001 (gRPC) until Ctrl-C."""
     from quantizer.samp import SampSettings
-    from service.repository import list_versions
-    from training.data.gettext_topics import load_gettext_topics
-    from training.jobs import bundled_minilm_dir, describe, import_checkpoint
+    from training.data.gettext_topics import load_gettext_topics, split
+    from training.jobs import bundled_minilm_dir, describe, finetune_classifier, import_checkpoint
     from training.parity import PARITY_SENTENCES, sentence_transformers_diff
 
     source = bundled_minilm_dir()
@@ -56,18 +57,29 @@ def up(
         diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
     console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
                   f"max_abs_diff={diff:.3g}")
-    model_dir = repo / DEFAULT_MODEL
-    versions = list_versions(model_dir) if model_dir.exists() else []
-    if versions and not rebuild:
-        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
-    else:
-        records = load_gettext_topics(max_per_topic=200, seed=0)
-        settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
+    records = load_gettext_topics(max_per_topic=300, seed=0)
+    settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
+    if _needs_version(repo / DEFAULT_MODEL, rebuild):
         _quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL)
+    if _needs_version(repo / DEFAULT_CLASSIFIER, rebuild):
+        train, dev, _ = split(records, seed=0)
+        console.print(f"fine-tuning a topic classifier on {len(train)} gettext messages (7 topics)")
+        classifier = finetune_classifier(out, train, dev, workdir / DEFAULT_CLASSIFIER)
+        _quantize_and_publish(classifier, dev, settings, repo, DEFAULT_CLASSIFIER)
     if serve_after:
         console.print(f"try: curl -s localhost:{http_port}/v1/embeddings -H 'content-type: application/json' "
                       f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
         serve(repo=repo, host=None, http_port=http_port, grpc_port=None, threads=None)
+
+
+def _needs_version(model_dir: Path, rebuild: bool) -> bool:
+    from service.repository import list_versions
+
+    versions = list_versions(model_dir) if model_dir.exists() else []
+    if versions and not rebuild:
+        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
+        return False
+    return True
 
 
 def _quantize_and_publish(checkpoint, records: list[dict], settings, repo: Path, model: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,21 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
                     source=f"trained from {job.init_from or job.config} on {job.data.name}")
     trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir)
     return trainer.train(records, dev_records, resume=job.resume)
+
+
+def finetune_classifier(base: Path, train: list[dict], dev: list[dict], out_dir: Path,
+                        steps: int = 120) -> Checkpoint:
+    """MiniLM + a classification head on labelled records: the default repository's classifier."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir.parent / f"{out_dir.name}-data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("dev", dev)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    settings = TrainSettings(batch_size=16, max_steps=steps, lr=3e-4, max_length=64)
+    result = run_training(TrainJob(data=data / "train.jsonl", dev=data / "dev.jsonl", out_dir=out_dir,
+                                   init_from=base, target="cls"), settings)
+    console.print(f"classifier: dev accuracy {result.dev_metrics.get('accuracy', float('nan')):.3f}")
+    return load_checkpoint(out_dir)
 
 
 def evaluate_checkpoint(path: Path, data: Path, max_length: int = 128) -> dict[str, float]:
