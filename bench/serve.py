@@ -83,6 +83,7 @@ def ceiling(model_dir: Path, texts: list[str], threads: int) -> tuple[float, int
 
     session = ort_session(model_dir / "model.onnx", threads)
     tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
+    tokenizer.no_padding()  # each batch is padded below, to its own longest
     best = (0.0, 0)
     for batch in (8, 16, 32):
         start = time.perf_counter()
@@ -134,7 +135,8 @@ def prepare_repo(work: Path) -> Path:
         config = json.loads((built / MODEL_CONFIG_FILE).read_text())
         config.update(name="samp")
         (repo / "samp" / MODEL_CONFIG_FILE).write_text(json.dumps(config))
-        shutil.copytree(built / str(list_versions(built)[-1]), repo / "samp" / "1")
+        latest = str(list_versions(built)[-1])
+        shutil.copytree(built / latest, repo / "samp" / latest)  # the manifest names its version
     return repo
 
 
@@ -213,7 +215,8 @@ def markdown(rows: list[tuple[str, int, dict]], rate: float, batch: int, args: a
              f"`python bench/serve.py` ({args.seconds:.0f} s per point, {args.threads} onnxruntime threads, "
              f"{os.cpu_count()} cores, CPU only; one real sentence of 8-52 words per request; load from "
              "bench/loadgen.py in its own process). In-process ceiling, same FP32 file, tokenization "
-             f"included: **{rate:.0f} sentences/s** (length-sorted batches of {batch}).", "",
+             f"included: **{rate:.0f} sentences/s** (length-sorted batches of {batch}). The load generator "
+             "shares the 2 cores with the server, as in FACTS.md's measurements.", "",
              "| server | clients | req/s | p50 ms | p99 ms | vs ceiling | errors |", "|---|---|---|---|---|---|---|"]
     for label, clients, r in rows:
         errors = {k: v for k, v in r["codes"].items() if k not in ("200", "OK")}
