@@ -1,6 +1,8 @@
 import socket
 
-from service.server import bind
+# Not service.server: it loads our v2 stubs, whose package 'inference' clashes with tritonclient.grpc's
+# own copy in one process's protobuf pool (the server process never imports tritonclient).
+from service.net import bind
 from service.settings import Settings
 
 
