@@ -146,3 +146,18 @@ async def test_a_request_is_admitted_whole_or_not_at_all():
     runner.release.set()
     assert await admitted == [f"out-{i}" for i in range(4)] and await running == "out-first"
     await batcher.close()
+
+
+async def test_padding_is_kept_within_the_ratio():
+    runner, batcher, first = await busy_batcher(BatchPolicy(max_batch_size=32, max_padding_ratio=1.25))
+    lengths = [10, 11, 12, 40, 9, 41, 10]
+    tasks = [asyncio.create_task(batcher.submit(f"len{n}-{i}", length=n)) for i, n in enumerate(lengths)]
+    await asyncio.sleep(0.01)
+    runner.release.set()
+    await asyncio.gather(first, *tasks)
+    for batch in runner.batches[1:]:
+        sizes = [int(item.split("-")[0][3:]) for item in batch]
+        assert max(sizes) * len(sizes) <= 1.25 * sum(sizes)  # padding kept small
+    short = next(b for b in runner.batches[1:] if "len10-0" in b)
+    assert not any(item.startswith("len4") for item in short)  # 40-token inputs never padded into it
+    await batcher.close()
