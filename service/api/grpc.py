@@ -24,32 +24,11 @@ from service.dataplane import DataPlane
 from service.errors import GRPC_STATUS, InvalidInput, ServiceError
 from service.metrics import Metrics
 from service.models import ModelManager
+from service.tensors import decode_bytes_elements, utf8
 
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
 Response = TypeVar("Response")
-
-
-def decode_bytes_elements(blob: bytes) -> list[str]:
-    """Raw BYTES contents: each element a 4-byte little-endian length, then the bytes."""
-    out, offset = [], 0
-    while offset < len(blob):
-        if offset + 4 > len(blob):
-            raise InvalidInput("raw_input_contents: truncated BYTES element length")
-        length = int.from_bytes(blob[offset : offset + 4], "little")
-        offset += 4
-        if offset + length > len(blob):
-            raise InvalidInput("raw_input_contents: BYTES element runs past the data")
-        out.append(_utf8(blob[offset : offset + length], len(out)))
-        offset += length
-    return out
-
-
-def _utf8(value: bytes, index: int) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput(f"text element {index} is not UTF-8 text") from None
 
 
 def _texts_of(request: pb.ModelInferRequest) -> tuple[list[str], list[str] | None]:
@@ -66,9 +45,10 @@ def _texts_of(request: pb.ModelInferRequest) -> tuple[list[str], list[str] | Non
         if not tensor.shape or any(d < 0 for d in tensor.shape):
             raise InvalidInput(f"inputs.{tensor.name}: shape {list(tensor.shape)} must be non-negative")
         if request.raw_input_contents:
-            texts = decode_bytes_elements(request.raw_input_contents[index])
+            texts = decode_bytes_elements(request.raw_input_contents[index], f"inputs.{tensor.name}")
         else:
-            texts = [_utf8(v, i) for i, v in enumerate(tensor.contents.bytes_contents)]
+            elements = tensor.contents.bytes_contents
+            texts = [utf8(v, f"inputs.{tensor.name}: element {i}") for i, v in enumerate(elements)]
         count = int(np.prod(list(tensor.shape)))
         if count != len(texts):
             raise InvalidInput(f"inputs.{tensor.name}: shape {list(tensor.shape)} holds {count} elements, "

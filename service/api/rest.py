@@ -23,6 +23,7 @@ from service.dataplane import DataPlane
 from service.errors import HTTP_STATUS, InvalidInput, PayloadTooLarge, ServiceError
 from service.metrics import Metrics
 from service.models import ModelManager
+from service.tensors import decode_bytes_elements
 
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
@@ -176,29 +177,11 @@ async def _read_infer_request(request: Request, max_bytes: int) -> tuple[InferRe
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"inputs.{tensor.name}: binary_data_size {size} does not fit the body")
-        tensor.data = _decode_bytes_elements(binary[offset : offset + size], tensor.name)
+        tensor.data = decode_bytes_elements(binary[offset : offset + size], f"inputs.{tensor.name}")
         offset += size
     wants_binary = bool((body.parameters or {}).get("binary_data_output")) or any(
         (o.parameters or {}).get("binary_data") for o in body.outputs or [])
     return body, wants_binary
-
-
-def _decode_bytes_elements(blob: bytes, name: str) -> list[str]:
-    """BYTES elements of the binary extension: each a 4-byte little-endian length, then the bytes."""
-    out, offset = [], 0
-    while offset < len(blob):
-        if offset + 4 > len(blob):
-            raise InvalidInput(f"inputs.{name}: truncated BYTES element length")
-        length = int.from_bytes(blob[offset : offset + 4], "little")
-        offset += 4
-        if offset + length > len(blob):
-            raise InvalidInput(f"inputs.{name}: BYTES element runs past the data")
-        try:
-            out.append(blob[offset : offset + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidInput(f"inputs.{name}: element {len(out)} is not UTF-8 text") from None
-        offset += length
-    return out
 
 
 def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
