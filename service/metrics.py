@@ -26,6 +26,8 @@ class Metrics:
         self.batch_size = Histogram("sampserve_batch_size", "Inputs per executed batch.", labels,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("sampserve_queue_depth", "Inputs waiting for a batch.", labels, registry=r)
+        self.queue_capacity = Gauge("sampserve_queue_capacity", "Inputs the queue holds before answering 429.",
+                                    labels, registry=r)
         self.tokens = Counter("sampserve_tokens_total", "Tokens processed (real, excluding padding).", labels,
                               registry=r)
         self.padded_tokens = Counter("sampserve_padded_tokens_total", "Tokens computed, padding included.",
@@ -34,6 +36,8 @@ class Metrics:
                                ("model", "version", "reason"), registry=r)
         self.loaded = Gauge("sampserve_model_version_loaded", "1 for each loaded (served) version.", labels,
                             registry=r)
+        self.ready = Gauge("sampserve_model_ready", "1 when the model has a ready version, else 0.", ("model",),
+                           registry=r)
         self.load_failures = Counter("sampserve_model_load_failures_total", "Versions that failed to load.",
                                      labels, registry=r)
 

@@ -142,6 +142,10 @@ class ModelManager:
                 self.metrics.loaded.labels(name, str(version)).set(0)
                 await old.batcher.close(drain=True)
                 log.info("model %s version %d unloaded", name, version)
+            self.metrics.ready.labels(name).set(1 if state.versions else 0)
+        for name in self.config_errors:
+            if name not in self.models:
+                self.metrics.ready.labels(name).set(0)
 
     async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:
         try:
@@ -153,6 +157,7 @@ class ModelManager:
             return
         state.versions[version] = loaded
         self.metrics.loaded.labels(name, str(version)).set(1)
+        self.metrics.queue_capacity.labels(name, str(version)).set(loaded.batcher.policy.max_queue_size)
         log.info("model %s version %d loaded", name, version)
 
     async def start_polling(self) -> None:
