@@ -1,12 +1,16 @@
-"""Shared fixtures: the bundled MiniLM, its import into our format, and the gettext topic data."""
+"""Shared fixtures: the bundled MiniLM, its import into our format, the gettext topic data, a repository
+published through SAMP and the real server serving it."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers import Server, start_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,3 +79,31 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     save_checkpoint(out, model, HeadInfo(task="matching", max_length=128), tokenizer)
     return out
+
+
+FAST = {"latency_batches": (1,), "repeats": 1, "sequence_length": 32, "max_examples": 48,
+        "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "dynamic"}
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
+    """A repository with a matching and a classification model, each published through SAMP."""
+    from quantizer.publish import publish_result
+    from quantizer.samp import Samp, SampSettings
+    from training.checkpoint import load_checkpoint
+    from training.data.tasks import read_records
+
+    root = tmp_path_factory.mktemp("repo")
+    records = read_records(topics_data / "dev.jsonl")
+    for name, checkpoint in (("emb", tiny_embedder), ("topics", tiny_classifier)):
+        samp = Samp(load_checkpoint(checkpoint), records, SampSettings(max_drop=0.05, **FAST),
+                    workdir=tmp_path_factory.mktemp(f"samp-{name}"))
+        publish_result(samp, samp.run(), root, name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repo: Path) -> Iterator[Server]:
+    running = start_server(repo)
+    yield running
+    assert running.stop() == 0

@@ -15,7 +15,7 @@ import pytest
 
 from service.repository import MODEL_CONFIG_FILE, publish
 
-from .conftest import start_server
+from tests.servers import start_server
 
 BODY = {"model": "emb", "input": ["the database system is shutting down", "cannot lock ref"]}
 

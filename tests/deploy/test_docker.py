@@ -1,0 +1,108 @@
+"""The Dockerfiles (hadolint and our own rules) and docker-compose.yml (docker-compose and the Compose
+Specification's schema, which Compose v2 reads)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy.conftest import ROOT, system_tool, venv_tool
+
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.gpu"]
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def requirements(path: Path) -> list[str]:
+    """Requirement lines of a pip file, following ``-r`` includes."""
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            out += requirements(path.parent / line[3:].strip())
+        elif line:
+            out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile: Path) -> None:
+    done = subprocess.run([venv_tool("hadolint"), "--format", "json", str(dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0, json.dumps(json.loads(done.stdout or "[]"), indent=1)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_is_multistage_non_root_with_a_healthcheck(dockerfile: Path) -> None:
+    steps = _instructions(dockerfile)
+    assert sum(k == "FROM" for k, _ in steps) >= 2, "build and runtime stages"
+    final = steps[max(i for i, (k, _) in enumerate(steps) if k == "FROM"):]
+    users = [arg for k, arg in final if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    health = [arg for k, arg in final if k == "HEALTHCHECK"]
+    assert health and "/v2/health/live" in health[0]
+    entry = json.loads(next(arg for k, arg in final if k == "ENTRYPOINT"))
+    assert entry == ["python", "-m", "service"]  # the server alone: the sampserve CLI imports torch
+    assert any(k == "COPY" and "--from=build" in arg for k, arg in final)
+    assert any(k == "ARG" and arg.startswith("MODEL_REPO") for k, arg in final)
+
+
+@pytest.mark.parametrize("name", ["requirements-server.txt", "requirements-gpu.txt"])
+def test_server_images_pin_every_dependency_and_carry_no_torch(name: str) -> None:
+    lines = requirements(ROOT / "docker" / name)
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][\w.\-+]*", line) for line in lines), lines
+    names = {line.split("==")[0].lower() for line in lines}
+    assert not names & {"torch", "transformers", "sentence-transformers", "matplotlib"}
+    assert len({"onnxruntime", "onnxruntime-gpu"} & names) == 1
+
+
+def test_compose_file_is_accepted_by_docker_compose() -> None:
+    binary = system_tool("docker-compose", "docker-compose")
+    done = subprocess.run([binary, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _compose_spec_schema() -> dict:
+    system_tool("docker-compose", "docker-compose")
+    listing = subprocess.run(["dpkg", "-L", "docker-compose"], capture_output=True, text=True).stdout.split()
+    schema = next(Path(p) for p in listing if p.endswith("compose_spec.json"))
+    return json.loads(schema.read_text())
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    """Compose v2 reads the Compose Specification; v1-only files (a `version` key, links, v2 resource
+    keys) fail it or are deprecated there."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    jsonschema.Draft201909Validator(_compose_spec_schema()).validate(compose)
+    assert "version" not in compose
+    for name, service in compose["services"].items():
+        assert not {"links", "external_links", "volumes_from", "cpu_shares", "mem_limit"} & set(service), name
+        for ports in service.get("ports", []):
+            assert ports.startswith("127.0.0.1:"), f"{name} publishes {ports} beyond loopback"
+
+
+def test_compose_mounts_the_files_the_tests_check() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert (ROOT / services["sampserve"]["build"]["dockerfile"].split(":-")[-1].rstrip("}")).exists()
+    mounts = {m.split(":")[0]: m.split(":")[1] for s in services.values() for m in s.get("volumes", [])}
+    assert mounts["./docker/prometheus"] == "/etc/prometheus"
+    assert mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
+    for host in mounts:
+        assert (ROOT / host).exists(), host
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
