@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import machine, write_section  # noqa: E402
 from quantizer.report import print_table  # noqa: E402
 from quantizer.samp import Samp, SampReport, SampSettings  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
@@ -90,10 +89,9 @@ def main() -> None:
     sections.append(markdown("MiniLM fine-tuned on the gettext topics, classification (accuracy, 7 topics)",
                              report))
 
-    cpu = platform.processor() or platform.machine()
     header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
-              f"{args.repeats} runs; {os.cpu_count()} cores, {cpu}, torch {torch.__version__}, CPU only). "
+              f"{args.repeats} runs; {machine()}, torch {torch.__version__}, CPU only). "
               "Ratios are measured side by side in one run; absolute times move about 10% between runs.\n")
     write_section(header + "\n" + "\n".join(sections), args.out, MARKS)
     console.print(f"wrote {args.out}")

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import machine, write_section  # noqa: E402
 from quantizer.engines import ort_session  # noqa: E402
 from quantizer.publish import publish_fp32  # noqa: E402
 from service.repository import MODEL_CONFIG_FILE, list_versions  # noqa: E402
@@ -213,7 +213,7 @@ def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path)
 def markdown(rows: list[tuple[str, int, dict]], rate: float, batch: int, args: argparse.Namespace) -> str:
     lines = ["## Serving: sampserve vs MLServer and the in-process ceiling", "",
              f"`python bench/serve.py` ({args.seconds:.0f} s per point, {args.threads} onnxruntime threads, "
-             f"{os.cpu_count()} cores, CPU only; one real sentence of 8-52 words per request; load from "
+             f"{machine()}, CPU only; one real sentence of 8-52 words per request; load from "
              "bench/loadgen.py in its own process). In-process ceiling, same FP32 file, tokenization "
              f"included: **{rate:.0f} sentences/s** (length-sorted batches of {batch}). The load generator "
              "shares the 2 cores with the server, as in FACTS.md's measurements.", "",

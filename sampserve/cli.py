@@ -262,14 +262,13 @@ def serve(
 ) -> None:
     """Serve every model in the repository over REST (Open Inference Protocol v2 and /v1 task
     endpoints). Flags override SAMPSERVE_* environment variables."""
-    import asyncio
 
-    from service.server import serve as run_server
+    from service.server import run as run_server
     from service.settings import Settings
 
     overrides = {"repo": repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "threads": threads}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    raise typer.Exit(asyncio.run(run_server(settings)))
+    raise typer.Exit(run_server(settings))
 
 
 @app.command("generate")

@@ -8,7 +8,6 @@ torch); the server image carries neither, so its entry point is this module. Fla
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from pydantic import ValidationError
@@ -32,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**given)
     except ValidationError as exc:
         cli.error("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
-    from service.server import serve  # after validation: a bad flag answers without loading the stack
+    from service.server import run  # after validation: a bad flag answers without loading the stack
 
-    return asyncio.run(serve(settings))
+    return run(settings)
 
 
 if __name__ == "__main__":

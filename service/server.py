@@ -65,3 +65,13 @@ async def serve(settings: Settings) -> int:
     await models.close()
     log.info("drained; bye")
     return 0
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM on uvloop where it is installed: measured here at 64 clients, uvloop served
+    11% more requests/s than asyncio's own loop, at 1 client 11% lower p50 (docs/benchmarks.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))
