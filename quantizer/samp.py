@@ -267,6 +267,7 @@ class Samp:
             plan = back_off(plan, measurements)
 
         candidates = self._candidates(plan, measurements, mode, torch_ms)
+        plan, candidates = self._prefer_measured_all_int8(plan, candidates, measurements, big[0], notes)
         chosen = next(c for c in candidates if c.name == "samp")
         if plan.is_fp32:
             verdict = (f"No INT8 unit fits a max drop of {s.max_drop}: the FP32 plan is chosen "
@@ -284,6 +285,21 @@ class Samp:
             export_max_abs_diff=self.info.max_abs_diff, mode=mode, notes=notes,
         )
         return SampResult(report=report, model_path=self.build(plan.int8, mode), workdir=self.workdir)
+
+    def _prefer_measured_all_int8(self, plan: Plan, candidates: list[Candidate], measurements: list[UnitMeasurement],
+                                  batch: int, notes: list[str]) -> tuple[Plan, list[Candidate]]:
+        """Predicted gains are apportioned by FLOPs, so a unit without FLOPs (the embeddings' Gather)
+        is predicted to buy nothing, yet INT8 can change its latency. All-INT8 is measured anyway:
+        when it also keeps the budget on dev and measured faster than the searched plan, it is the plan."""
+        searched = next(c for c in candidates if c.name == "samp")
+        full = next(c for c in candidates if c.name == "all-int8")
+        if (set(full.int8) == set(searched.int8) or not self.within_budget(full.dev_metric, full.dev_cosine)
+                or full.latency_ms[batch] >= searched.latency_ms[batch]):
+            return plan, candidates
+        notes.append(f"all-INT8 also keeps the budget on dev and measured faster at batch {batch} "
+                     f"({full.latency_ms[batch]:.1f} vs {searched.latency_ms[batch]:.1f} ms): chosen")
+        chosen = full.model_copy(update={"name": "samp"})
+        return plan_from(measurements, set(full.int8)), [chosen if c.name == "samp" else c for c in candidates]
 
     def _candidates(self, plan: Plan, measurements: list[UnitMeasurement], mode: str,
                     torch_ms: dict[int, float]) -> list[Candidate]:
