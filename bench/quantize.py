@@ -92,7 +92,8 @@ def main() -> None:
     header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
               f"{args.repeats} runs; {machine()}, torch {torch.__version__}, CPU only). "
-              "Ratios are measured side by side in one run; absolute times move about 10% between runs.\n")
+              "Ratios are measured side by side in one run; absolute times move between runs (by about 10% "
+              "on the Intel VNNI machine, by up to 30% for single plans on the AMD AVX2 one), so compare within a run.\n")
     write_section(header + "\n" + "\n".join(sections), args.out, MARKS)
     console.print(f"wrote {args.out}")
 
