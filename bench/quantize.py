@@ -93,7 +93,7 @@ def main() -> None:
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
               f"{args.repeats} runs; {machine()}, torch {torch.__version__}, CPU only). "
               "Ratios are measured side by side in one run; absolute times move between runs (by about 10% "
-              "on the Intel VNNI machine, by up to 30% for single plans on the AMD AVX2 one), so compare within a run.\n")
+              "on the Intel VNNI machine, up to 30% for single plans on the AMD AVX2 one), so compare within a run.\n")
     write_section(header + "\n" + "\n".join(sections), args.out, MARKS)
     console.print(f"wrote {args.out}")
 
