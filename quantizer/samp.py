@@ -32,7 +32,7 @@ from quantizer.measure import (
     torch_runner,
 )
 from quantizer.quantize import apply_plan
-from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, search
+from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
 from quantizer.units import Unit, find_units, quantization_rate
 from training.checkpoint import Checkpoint
 
@@ -288,13 +288,11 @@ class Samp:
 
     def _prefer_measured_all_int8(self, plan: Plan, candidates: list[Candidate], measurements: list[UnitMeasurement],
                                   batch: int, notes: list[str]) -> tuple[Plan, list[Candidate]]:
-        """Predicted gains are apportioned by FLOPs, so a unit without FLOPs (the embeddings' Gather)
-        is predicted to buy nothing, yet INT8 can change its latency. All-INT8 is measured anyway:
-        when it also keeps the budget on dev and measured faster than the searched plan, it is the plan."""
         searched = next(c for c in candidates if c.name == "samp")
         full = next(c for c in candidates if c.name == "all-int8")
-        if (set(full.int8) == set(searched.int8) or not self.within_budget(full.dev_metric, full.dev_cosine)
-                or full.latency_ms[batch] >= searched.latency_ms[batch]):
+        fits = self.within_budget(full.dev_metric, full.dev_cosine)
+        same = set(full.int8) == set(searched.int8)
+        if not prefer_all_int8(searched.latency_ms[batch], full.latency_ms[batch], fits, same):
             return plan, candidates
         notes.append(f"all-INT8 also keeps the budget on dev and measured faster at batch {batch} "
                      f"({full.latency_ms[batch]:.1f} vs {searched.latency_ms[batch]:.1f} ms): chosen")

@@ -85,3 +85,11 @@ def frontier(units: list[UnitMeasurement]) -> list[Plan]:
     candidates a report plots as metric against latency."""
     order = greedy_order(units)
     return [plan_from(units, {u.name for u in order[:k]}) for k in range(len(order) + 1)]
+
+
+def prefer_all_int8(searched_ms: float, all_int8_ms: float, all_int8_fits: bool, same_units: bool) -> bool:
+    """Whether the measured all-INT8 plan should replace the searched one. Predicted gains are
+    apportioned by FLOPs, so a unit without FLOPs (the embeddings' Gather) is predicted to buy
+    nothing, yet INT8 can change its latency; measurement decides: all-INT8 wins when it keeps the
+    budget on dev and ran faster."""
+    return all_int8_fits and not same_units and all_int8_ms < searched_ms

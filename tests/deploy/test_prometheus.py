@@ -132,6 +132,8 @@ def test_prometheus_scrapes_the_server_and_answers_p99_and_rate(prometheus: http
     assert float(_until(lambda: _query(prometheus, rate), 10)[0]["value"][1]) > 0
     recorded = 'model:sampserve_request_duration_seconds:p99_5m{model="emb"}'
     assert _until(lambda: [r for r in _query(prometheus, recorded) if math.isfinite(float(r["value"][1]))], 30)
+    saturation = _until(lambda: _query(prometheus, 'model:sampserve_queue:saturation{model="emb"}'), 30)
+    assert saturation and 0 <= float(saturation[0]["value"][1]) <= 1  # queue depth over the served capacity
     ready = _query(prometheus, "sampserve_model_ready")
     assert {r["metric"]["model"]: r["value"][1] for r in ready} == {"emb": "1", "topics": "1"}
     alerts = prometheus.get("/api/v1/rules", params={"type": "alert"}).json()["data"]["groups"]

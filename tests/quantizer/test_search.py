@@ -2,7 +2,7 @@
 
 import pytest
 
-from quantizer.search import UnitMeasurement, back_off, frontier, greedy_order, plan_from, search
+from quantizer.search import UnitMeasurement, back_off, frontier, greedy_order, plan_from, prefer_all_int8, search
 
 UNITS = [
     UnitMeasurement("l0.ffn_out", drop=0.006, gain_ms=10),
@@ -64,3 +64,10 @@ def test_search_is_pure_and_validates():
     assert plan_from(UNITS, set()).is_fp32
     with pytest.raises(ValueError):
         search(UNITS, -0.1)
+
+
+def test_measured_all_int8_replaces_the_searched_plan_only_when_it_fits_and_is_faster():
+    assert prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=True, same_units=False)
+    assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=False, same_units=False)
+    assert not prefer_all_int8(searched_ms=545.0, all_int8_ms=650.0, all_int8_fits=True, same_units=False)
+    assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=True, same_units=True)
