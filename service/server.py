@@ -68,8 +68,8 @@ async def serve(settings: Settings) -> int:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM on uvloop where it is installed: measured here at 64 clients, uvloop served
-    11% more requests/s than asyncio's own loop, at 1 client 11% lower p50 (docs/benchmarks.md)."""
+    """Serve until SIGTERM on uvloop where it is installed: uvloop served 11% more requests/s than
+    asyncio's own loop at 64 clients and had an 8% lower p50 at 1 client (docs/benchmarks.md)."""
     try:
         import uvloop
     except ImportError:
