@@ -5,8 +5,9 @@
 The same FP32 ONNX file of all-MiniLM-L6-v2 is served by: sampserve REST (batching on and off)
 and gRPC, MLServer 1.7.1 (minimal onnxruntime runtime, batching off and adaptive), and, for the
 gain a user gets, sampserve REST with the SAMP plan. Load comes from bench/loadgen.py in its own
-process (aiohttp / grpc.aio), one real sentence per request, at 1, 16 and 64 closed-loop clients.
-The ceiling is the same file through onnxruntime in-process with length-sorted batches.
+process (Debian's wrk where installed, else aiohttp; grpc.aio), one real sentence per request, at 1,
+16 and 64 closed-loop clients. The ceiling is the same file through onnxruntime in-process with
+length-sorted batches.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.docs import machine, write_section  # noqa: E402
-from quantizer.engines import ort_session  # noqa: E402
 from quantizer.publish import publish_fp32  # noqa: E402
 from service.repository import MODEL_CONFIG_FILE, list_versions  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from training.data.gettext_topics import load_gettext_topics  # noqa: E402
 from training.jobs import bundled_minilm_dir, console, import_checkpoint  # noqa: E402
 from training.tokenization import configured  # noqa: E402
@@ -69,39 +70,63 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} never became ready")
 
 
+def http_client() -> str:
+    """wrk (C) when installed: it leaves more of the two shared cores to the server than aiohttp."""
+    return "wrk" if shutil.which("wrk") else "aiohttp"
+
+
 def load(url: str, model: str, clients: int, seconds: float, sentence_file: Path, protocol: str = "http") -> dict:
     command = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--model", model, "--clients",
-               str(clients), "--seconds", str(seconds), "--sentences", str(sentence_file), "--protocol", protocol]
+               str(clients), "--seconds", str(seconds), "--sentences", str(sentence_file), "--protocol", protocol,
+               "--client", http_client()]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def ceiling(model_dir: Path, texts: list[str], threads: int) -> tuple[float, int]:
-    """Sentences/s through onnxruntime in-process, tokenization included, length-sorted batches;
-    the best of batch sizes 8, 16 and 32."""
-    from tokenizers import Tokenizer
+def _sorted_batches_rate(sessions: list, tokenizer, texts: list[str], batch: int, seconds: float = 8) -> float:
+    """Sentences/s with each session in its own thread, tokenizing and running its share of the texts."""
+    import threading
 
-    session = ort_session(model_dir / "model.onnx", threads)
-    tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
-    tokenizer.no_padding()  # each batch is padded below, to its own longest
-    best = (0.0, 0)
-    for batch in (8, 16, 32):
-        start = time.perf_counter()
-        done = 0
-        while time.perf_counter() - start < 8:
-            encodings = sorted(tokenizer.encode_batch(texts), key=lambda e: len(e.ids))
+    done = [0] * len(sessions)
+    stop = time.perf_counter() + seconds
+
+    def work(k: int) -> None:
+        while time.perf_counter() < stop:
+            encodings = sorted(tokenizer.encode_batch(texts[k :: len(sessions)]), key=lambda e: len(e.ids))
             for i in range(0, len(encodings), batch):
                 chunk = encodings[i : i + batch]
-                longest = max(len(e.ids) for e in chunk)
-                ids = np.zeros((len(chunk), longest), dtype=np.int64)
+                ids = np.zeros((len(chunk), max(len(e.ids) for e in chunk)), dtype=np.int64)
                 mask = np.zeros_like(ids)
                 for row, e in enumerate(chunk):
                     ids[row, : len(e.ids)] = e.ids
                     mask[row, : len(e.ids)] = 1
-                session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
-                done += len(chunk)
-        rate = done / (time.perf_counter() - start)
-        best = max(best, (rate, batch))
+                sessions[k].run({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+                done[k] += len(chunk)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(len(sessions))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def ceiling(model_dir: Path, texts: list[str], threads: int, instances: int) -> tuple[float, int, int]:
+    """Sentences/s through onnxruntime in-process, tokenization included, length-sorted batches,
+    sessions made as the server makes them; the best of batch sizes 8, 16 and 32 and of one session
+    or ``instances`` sessions side by side."""
+    from tokenizers import Tokenizer
+
+    from service.runtimes.onnxruntime import OnnxRuntime
+
+    tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
+    tokenizer.no_padding()  # each batch is padded to its own longest
+    best = (0.0, 0, 0)
+    for count in sorted({1, instances}):
+        sessions = [OnnxRuntime(model_dir / "model.onnx", threads, spinning=count == 1) for _ in range(count)]
+        for batch in (8, 16, 32):
+            best = max(best, (_sorted_batches_rate(sessions, tokenizer, texts, batch), batch, count))
     return best
 
 
@@ -144,7 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads per instance")
+    parser.add_argument("--instances", type=int, default=Settings().instances, help="runtime instances per model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -154,12 +180,14 @@ def main() -> None:
     repo = prepare_repo(work)
     rows: list[tuple[str, int, dict]] = []
 
-    rate, batch = ceiling(repo / "fp32" / "1", texts, args.threads)
-    console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch})")
+    rate, batch, sessions = ceiling(repo / "fp32" / "1", texts, args.threads, args.instances)
+    console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch}, {sessions} "
+                  f"session(s) of {args.threads} threads)")
 
     http, grpc_port = free_port(), free_port()
     ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
-                    "--grpc-port", str(grpc_port), "--threads", str(args.threads)])
+                    "--grpc-port", str(grpc_port), "--threads", str(args.threads),
+                    "--instances", str(args.instances)])
     try:
         url = f"http://127.0.0.1:{http}"
         wait_ready(url)
@@ -184,7 +212,7 @@ def main() -> None:
     else:
         console.print(f"MLServer peer skipped: {PEER_PYTHON} missing (see bench/peers/README.md)")
 
-    write_section(markdown(rows, rate, batch, args), args.out, MARKS)
+    write_section(markdown(rows, (rate, batch, sessions), args), args.out, MARKS)
     console.print(f"wrote {args.out}")
 
 
@@ -210,14 +238,19 @@ def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path)
     return rows
 
 
-def markdown(rows: list[tuple[str, int, dict]], rate: float, batch: int, args: argparse.Namespace) -> str:
+def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int], args: argparse.Namespace) -> str:
+    rate, batch, sessions = best
     lines = ["## Serving: sampserve vs MLServer and the in-process ceiling", "",
-             f"`python bench/serve.py` ({args.seconds:.0f} s per point, {args.threads} onnxruntime threads, "
-             f"{machine()}, CPU only; one real sentence of 8-52 words per request; load from "
-             "bench/loadgen.py in its own process). In-process ceiling, same FP32 file, tokenization "
-             f"included: **{rate:.0f} sentences/s** (length-sorted batches of {batch}). The load generator "
-             "shares the 2 cores with the server, as in FACTS.md's measurements.", "",
-             "| server | clients | req/s | p50 ms | p99 ms | vs ceiling | errors |", "|---|---|---|---|---|---|---|"]
+             f"`python bench/serve.py` ({args.seconds:.0f} s per point, {machine()}, CPU only; onnxruntime "
+             f"{args.threads} threads per instance, sampserve with {args.instances} instances per model; one real "
+             f"sentence of 8-52 words per request; load from bench/loadgen.py in its own process, "
+             f"{http_client()} "
+             "for HTTP, grpc.aio for gRPC). In-process ceiling, same FP32 file, tokenization included, best of "
+             f"1 or {args.instances} sessions and batches of 8/16/32: **{rate:.0f} sentences/s** ({sessions} "
+             f"session(s), length-sorted batches of {batch}). The load generator shares the 2 cores with the "
+             "server.",
+             "", "| server | clients | req/s | p50 ms | p99 ms | vs ceiling | errors |",
+             "|---|---|---|---|---|---|---|"]
     for label, clients, r in rows:
         errors = {k: v for k, v in r["codes"].items() if k not in ("200", "OK")}
         lines.append(f"| {label} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "

@@ -258,7 +258,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
     http_port: Annotated[int | None, typer.Option(help="REST port; 0 picks a free one [default: 8000].")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one [default: 8001].")] = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per model version.")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per instance [default: all cores].")] = None,
+    instances: Annotated[int | None, typer.Option(help="Runtime instances per model version [default: 2].")] = None,
 ) -> None:
     """Serve every model in the repository over REST (Open Inference Protocol v2 and /v1 task
     endpoints). Flags override SAMPSERVE_* environment variables."""
@@ -266,7 +267,8 @@ def serve(
     from service.server import run as run_server
     from service.settings import Settings
 
-    overrides = {"repo": repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "threads": threads}
+    overrides = {"repo": repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "threads": threads,
+                 "instances": instances}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     raise typer.Exit(run_server(settings))
 

@@ -5,8 +5,9 @@ its longest runs 2.2x the real tokens and makes naive batching slower than batch
 of similar lengths are the fastest; and a batcher that waits for a fuller batch while the runtime
 is idle adds its whole delay at low load. So:
 
-- The runtime runs one batch at a time. The moment it is free and anything is queued, a batch is
-  formed and sent: at low load a request goes alone, at once.
+- Each runtime instance runs one batch at a time, and ``concurrency`` instances run side by side
+  (Triton's instance_group). The moment one is free and anything is queued, a batch is formed and
+  sent: at low load a request goes alone, at once.
 - While the runtime is busy, requests queue. The next batch starts from the oldest request (no
   request starves) and adds the queued requests closest to it in length, until ``max_batch_size``
   or ``max_batch_tokens`` (rows x longest, i.e. padding counted) would be exceeded, taking only
@@ -73,7 +74,7 @@ class BatchPolicy:
     max_queue_size: int = 256
     # Computed tokens (rows x longest) may exceed the real tokens by at most this factor. Measured
     # here at 64 clients: taking the 31 nearest lengths blindly computed 2.6x the real tokens.
-    max_padding_ratio: float = 1.25
+    max_padding_ratio: float = 1.1
 
 
 @dataclass(eq=False)
@@ -87,11 +88,11 @@ class _Pending(Generic[Item, Result]):
 
 
 class Batcher(Generic[Item, Result]):
-    """One queue and one runner for one model version.
+    """One queue for one model version, and up to ``concurrency`` batches running at once.
 
     ``run_batch`` receives the items of a batch (sorted by length) and returns one result per item,
     in the same order. It is awaited, so a runtime call should go to a thread (``asyncio.to_thread``)
-    to keep the event loop free.
+    to keep the event loop free; it is never called more than ``concurrency`` times at once.
     """
 
     def __init__(
@@ -99,14 +100,18 @@ class Batcher(Generic[Item, Result]):
         run_batch: Callable[[list[Item]], Awaitable[list[Result]]],
         policy: BatchPolicy | None = None,
         observer: BatchObserver | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.policy = policy or BatchPolicy()
+        self.concurrency = concurrency
         self._run_batch = run_batch
         self._observer: BatchObserver = observer or _NullObserver()
         self._queue: list[_Pending[Item, Result]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._busy = False
+        self._running: set[asyncio.Task[None]] = set()
         self._counter = 0
         self._closed = False
 
@@ -172,7 +177,7 @@ class Batcher(Generic[Item, Result]):
                 if not pending.future.done():
                     pending.future.set_exception(BatcherClosed("the model is shutting down"))
             self._queue.clear()
-        while drain and (self._queue or self._busy):
+        while drain and (self._queue or self._running):
             await asyncio.sleep(0.005)
         if self._task is not None:
             self._task.cancel()
@@ -223,14 +228,22 @@ class Batcher(Generic[Item, Result]):
         return sorted(chosen, key=lambda p: p.length)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue or len(self._running) >= self.concurrency:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
             batch = self.form_batch()
             if not batch:
                 continue
-            await self._execute(batch)
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wakeup.set()  # an instance is free: form the next batch from what queued meanwhile
 
     async def _execute(self, batch: list[_Pending[Item, Result]]) -> None:
         now = time.monotonic()
@@ -238,7 +251,6 @@ class Batcher(Generic[Item, Result]):
         self._observer.queued(len(self._queue))
         self._observer.batch(len(batch), sum(p.length for p in batch), longest * len(batch),
                              [now - p.enqueued for p in batch])
-        self._busy = True
         try:
             results = await self._run_batch([p.item for p in batch])
             if len(results) != len(batch):
@@ -248,8 +260,6 @@ class Batcher(Generic[Item, Result]):
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        finally:
-            self._busy = False
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -50,20 +50,23 @@ class BatchMetrics:
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
         self.m, self.model, self.version = metrics, model, version
+        # the labelled children, looked up once: queued() runs on every request
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._tokens = metrics.tokens.labels(model, version)
+        self._padded = metrics.padded_tokens.labels(model, version)
+        self._queue_time = metrics.queue_time.labels(model, version)
 
     def queued(self, depth: int) -> None:
-        self.m.queue_depth.labels(self.model, self.version).set(depth)
+        self._depth.set(depth)
 
     def batch(self, size: int, tokens: int, padded_tokens: int, queue_seconds: Sequence[float]) -> None:
-        self.m.batch_size.labels(self.model, self.version).observe(size)
-        self.m.tokens.labels(self.model, self.version).inc(tokens)
-        self.m.padded_tokens.labels(self.model, self.version).inc(padded_tokens)
-        histogram = self.m.queue_time.labels(self.model, self.version)
+        self._batch_size.observe(size)
+        self._tokens.inc(tokens)
+        self._padded.inc(padded_tokens)
         for seconds in queue_seconds:
-            histogram.observe(seconds)
+            self._queue_time.observe(seconds)
 
     def dropped(self, reason: str) -> None:
         self.m.dropped.labels(self.model, self.version, reason).inc()
 
-    def depth(self, depth: int) -> None:
-        self.m.queue_depth.labels(self.model, self.version).set(depth)

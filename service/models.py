@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ class LoadedVersion:
     version: int
     config: RepoModelConfig
     head: TextEncoder
-    runtime: Runtime
+    runtimes: list[Runtime]
     batcher: Batcher[Encoded, np.ndarray]
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
@@ -97,23 +98,31 @@ class ModelManager:
         if head_class is None:
             raise ValueError(f"task {config.task!r} is not served yet")
         head = head_class(path)
-        runtime = RUNTIMES["onnxruntime"](path / ONNX_FILE, self.settings.threads)
-        # warm-up: one real forward pass before the version may take traffic
-        runtime.run(head.collate(head.encode(["warm up"], truncate=True)))
+        count = config.batching.instances or self.settings.instances
+        runtimes = [RUNTIMES["onnxruntime"](path / ONNX_FILE, self.settings.threads, count == 1) for _ in range(count)]
+        idle: queue.SimpleQueue[Runtime] = queue.SimpleQueue()
+        for runtime in runtimes:
+            # warm-up: one real forward pass each before the version may take traffic
+            runtime.run(head.collate(head.encode(["warm up"], truncate=True)))
+            idle.put(runtime)
         policy = BatchPolicy(max_batch_size=config.batching.max_batch_size,
                              max_batch_tokens=config.batching.max_batch_tokens,
                              max_queue_size=config.batching.max_queue_size)
         compute = self.metrics.compute_time.labels(name, str(version))
 
         def run_batch(items: list[Encoded]) -> list[np.ndarray]:
-            start = time.perf_counter()
-            out = runtime.run(head.collate(items))
-            compute.observe(time.perf_counter() - start)
+            runtime = idle.get_nowait()  # the batcher runs at most `count` batches at once
+            try:
+                start = time.perf_counter()
+                out = runtime.run(head.collate(items))
+                compute.observe(time.perf_counter() - start)
+            finally:
+                idle.put(runtime)
             return list(out)
 
         batcher: Batcher[Encoded, np.ndarray] = Batcher(run_in_thread(run_batch), policy,
-                                                       self.metrics.observer(name, version))
-        return LoadedVersion(name, version, config, head, runtime, batcher)
+                                                       self.metrics.observer(name, version), concurrency=count)
+        return LoadedVersion(name, version, config, head, runtimes, batcher)
 
     async def refresh(self) -> None:
         """Bring the served set in line with the repository: load new versions, drop removed ones."""

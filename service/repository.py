@@ -83,6 +83,9 @@ class BatchingConfig(_Strict):
     """Token budget per batch, padding included (batch size x longest sequence)."""
     max_queue_size: int = Field(256, ge=1)
     """Requests waiting beyond this are rejected (back-pressure) instead of queued."""
+    instances: int | None = Field(None, ge=1, le=16)
+    """Runtime instances, each running one batch at a time (Triton's instance_group count); unset:
+    the server's ``instances`` setting."""
 
 
 class VersionPolicy(_Strict):

@@ -45,7 +45,10 @@ class TextEncoder:
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInput(f"{field}: {len(texts)} texts but {len(pairs)} pair texts")
         tokenizer = self._truncating if truncate else self.tokenizer
-        batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else texts)
+        if len(texts) == 1:  # the common case: no need to wake encode_batch's thread pool for one text
+            batch = [tokenizer.encode(texts[0], pairs[0] if pairs is not None else None)]
+        else:
+            batch = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else texts)
         out = []
         for index, enc in enumerate(batch):
             if len(enc.ids) > self.max_length:

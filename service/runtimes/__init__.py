@@ -20,10 +20,11 @@ class Runtime(Protocol):
     def healthy(self) -> bool: ...
 
 
-def _onnxruntime(path: Path, threads: int | None) -> Runtime:
+def _onnxruntime(path: Path, threads: int | None, spinning: bool) -> Runtime:
     from service.runtimes.onnxruntime import OnnxRuntime
 
-    return OnnxRuntime(path, threads)
+    return OnnxRuntime(path, threads, spinning)
 
 
-RUNTIMES: dict[str, Callable[[Path, int | None], Runtime]] = {"onnxruntime": _onnxruntime}
+RUNTIMES: dict[str, Callable[[Path, int | None, bool], Runtime]] = {"onnxruntime": _onnxruntime}
+"""Each factory takes the model file, intra-op threads, and whether idle threads may spin."""

@@ -161,3 +161,52 @@ async def test_padding_is_kept_within_the_ratio():
     short = next(b for b in runner.batches[1:] if "len10-0" in b)
     assert not any(item.startswith("len4") for item in short)  # 40-token inputs never padded into it
     await batcher.close()
+
+
+class Gauge:
+    """A runner that records how many batches run at the same time."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list) -> list:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await self.release.wait()
+        self.running -= 1
+        return [f"out-{i}" for i in items]
+
+
+async def test_instances_run_batches_side_by_side_and_never_more_than_configured():
+    runner = Gauge()
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=1), concurrency=2)
+    tasks = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(5)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert runner.running == 2  # a second instance took the next batch while the first was busy
+    assert batcher.depth == 3
+    runner.release.set()
+    assert await asyncio.gather(*tasks) == [f"out-{i}" for i in range(5)]
+    assert runner.most == 2
+    await batcher.close()
+
+
+async def test_close_waits_for_every_running_instance():
+    runner = Gauge()
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=1), concurrency=3)
+    tasks = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(3)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0.02)
+    assert not closing.done()  # three batches still running
+    runner.release.set()
+    await closing
+    assert [t.result() for t in tasks] == ["out-0", "out-1", "out-2"]
+
+
+def test_concurrency_must_be_positive():
+    with pytest.raises(ValueError, match="concurrency"):
+        Batcher(Gauge(), BatchPolicy(), concurrency=0)

@@ -433,10 +433,10 @@ def test_version_policy_rejects(raw: dict) -> None:
 
 def test_batching_config_bounds() -> None:
     assert BatchingConfig() == BatchingConfig(
-        max_batch_size=32, max_queue_delay_ms=2.0, max_batch_tokens=8192, max_queue_size=256
+        max_batch_size=32, max_queue_delay_ms=2.0, max_batch_tokens=8192, max_queue_size=256, instances=None
     )
     for bad in ({"max_batch_size": 0}, {"max_batch_size": 1025}, {"max_queue_delay_ms": -1},
-                {"max_batch_tokens": 0}, {"max_queue_size": 0}):
+                {"max_batch_tokens": 0}, {"max_queue_size": 0}, {"instances": 0}, {"instances": 17}):
         with pytest.raises(ValidationError):
             BatchingConfig.model_validate(bad)
 

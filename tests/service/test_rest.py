@@ -15,6 +15,7 @@ def test_health_and_metadata(server):
     assert server.http.get("/v2").json()["name"] == "sampserve"
     meta = server.http.get("/v2/models/emb").json()
     assert meta["versions"] == ["1"] and meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    assert meta["parameters"]["instances"] == 2  # the server's default, as no config.json sets it
     assert server.http.get("/v2/models/emb/versions/1/ready").status_code == 200
     assert server.http.get("/v1/models").json()["data"][0]["id"] == "emb"
 
