@@ -75,10 +75,11 @@ def http_client() -> str:
     return "wrk" if shutil.which("wrk") else "aiohttp"
 
 
-def load(url: str, model: str, clients: int, seconds: float, sentence_file: Path, protocol: str = "http") -> dict:
+def load(url: str, model: str, clients: int, seconds: float, sentence_file: Path, protocol: str = "http",
+         client: str | None = None) -> dict:
     command = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--model", model, "--clients",
                str(clients), "--seconds", str(seconds), "--sentences", str(sentence_file), "--protocol", protocol,
-               "--client", http_client()]
+               "--client", client or http_client()]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -192,15 +193,19 @@ def main() -> None:
         url = f"http://127.0.0.1:{http}"
         wait_ready(url)
         for clients in args.clients:
-            for label, model, protocol, target in (
-                ("sampserve REST, FP32", "fp32", "http", url),
-                ("sampserve REST, FP32, batching off", "fp32-nobatch", "http", url),
-                ("sampserve gRPC, FP32", "fp32", "grpc", f"127.0.0.1:{grpc_port}"),
-                ("sampserve REST, SAMP plan", "samp", "http", url),
+            for label, model, protocol, target, client in (
+                ("sampserve REST, FP32", "fp32", "http", url, None),
+                ("sampserve REST, FP32, batching off", "fp32-nobatch", "http", url, None),
+                ("sampserve gRPC, FP32", "fp32", "grpc", f"127.0.0.1:{grpc_port}", None),
+                # a Python client, like the gRPC one: REST and gRPC compared at the same client cost
+                ("sampserve REST, FP32, aiohttp client", "fp32", "http", url, "aiohttp"),
+                ("sampserve REST, SAMP plan", "samp", "http", url, None),
             ):
                 if model == "samp" and not (repo / "samp").exists():
                     continue
-                result = load(target, model, clients, args.seconds, sentence_file, protocol)
+                if client == "aiohttp" and http_client() == "aiohttp":
+                    continue  # the first row already is
+                result = load(target, model, clients, args.seconds, sentence_file, protocol, client)
                 rows.append((label, clients, result))
                 console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
                               f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
