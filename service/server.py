@@ -26,6 +26,10 @@ log = logging.getLogger("sampserve")
 
 async def serve(settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.repo.is_dir():  # a typo'd path would otherwise serve nothing, never ready, silently
+        log.error("model repository %s is not a directory (build one with `sampserve up` or `sampserve "
+                  "quantize`, or pass --repo / SAMPSERVE_REPO)", settings.repo)
+        return 2
     metrics = Metrics()
     models = ModelManager(settings, metrics)
     await models.refresh()

@@ -22,3 +22,14 @@ def test_settings_default_to_loopback_and_read_the_environment(monkeypatch):
     monkeypatch.setenv("SAMPSERVE_REQUEST_TIMEOUT_S", "2.5")
     settings = Settings()
     assert settings.http_port == 9100 and settings.request_timeout_s == 2.5
+
+
+def test_a_missing_repository_fails_at_start_with_its_path(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-repo"
+    done = subprocess.run([sys.executable, "-m", "service", "--repo", str(missing), "--http-port", "0",
+                           "--grpc-port", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert str(missing) in done.stderr and "not a directory" in done.stderr
