@@ -179,12 +179,18 @@ class Gauge:
         return [f"out-{i}" for i in items]
 
 
-async def test_instances_run_batches_side_by_side_and_never_more_than_configured():
+async def submitted(concurrency: int, count: int) -> tuple[Gauge, Batcher, list[asyncio.Task]]:
+    """``count`` single-input batches submitted to a batcher of ``concurrency`` instances, let run."""
     runner = Gauge()
-    batcher = Batcher(runner, BatchPolicy(max_batch_size=1), concurrency=2)
-    tasks = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(5)]
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=1), concurrency=concurrency)
+    tasks = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(count)]
     for _ in range(10):
         await asyncio.sleep(0)
+    return runner, batcher, tasks
+
+
+async def test_instances_run_batches_side_by_side_and_never_more_than_configured():
+    runner, batcher, tasks = await submitted(concurrency=2, count=5)
     assert runner.running == 2  # a second instance took the next batch while the first was busy
     assert batcher.depth == 3
     runner.release.set()
@@ -194,11 +200,7 @@ async def test_instances_run_batches_side_by_side_and_never_more_than_configured
 
 
 async def test_close_waits_for_every_running_instance():
-    runner = Gauge()
-    batcher = Batcher(runner, BatchPolicy(max_batch_size=1), concurrency=3)
-    tasks = [asyncio.create_task(batcher.submit(i, length=1)) for i in range(3)]
-    for _ in range(10):
-        await asyncio.sleep(0)
+    runner, batcher, tasks = await submitted(concurrency=3, count=3)
     closing = asyncio.create_task(batcher.close(drain=True))
     await asyncio.sleep(0.02)
     assert not closing.done()  # three batches still running
