@@ -111,6 +111,7 @@ def test_probes_drain_and_settings_match_the_server() -> None:
     settings = _kinds(docs)["ConfigMap"]["data"]
     assert settings["SAMPSERVE_DRAIN_GRACE_S"] == str(values["server"]["drainGraceSeconds"])
     assert settings["SAMPSERVE_MAX_BODY_BYTES"] == str(values["server"]["maxBodyBytes"])
+    assert settings["SAMPSERVE_INSTANCES"] == str(values["server"]["instances"])
     # every variable the chart sets is a real server setting (extra="forbid" would refuse the rest)
     from service.settings import Settings
 
