@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +41,11 @@ class Metrics:
                            registry=r)
         self.load_failures = Counter("sampserve_model_load_failures_total", "Versions that failed to load.",
                                      labels, registry=r)
+
+    def observe_request(self, model: str, version: int | str, endpoint: str, outcome: str, start: float) -> None:
+        """One answered request: its outcome counted, its latency since ``start`` (perf_counter) observed."""
+        self.requests.labels(model, str(version), endpoint, outcome).inc()
+        self.latency.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
 
     def observer(self, model: str, version: int) -> BatchMetrics:
         return BatchMetrics(self, model, str(version))

@@ -15,6 +15,7 @@ import uvicorn
 
 from service.api.grpc import GrpcServer
 from service.api.rest import create_app
+from service.api.v2_infer import InferDoor
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.models import ModelManager
@@ -41,7 +42,9 @@ async def serve(settings: Settings) -> int:
     grpc_server = GrpcServer(models, dataplane, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
     await grpc_server.start()
     sock = bind(settings.host, settings.http_port)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+    # v2 infer goes straight to its handler, the rest through FastAPI (why: service.api.v2_infer)
+    config = uvicorn.Config(InferDoor(app, dataplane, metrics), log_level="warning",
+                            timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
                             limit_concurrency=None, access_log=False)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below

@@ -72,11 +72,10 @@ class _Base:
         try:
             version, response = await work()
         except ServiceError as exc:
-            self.metrics.requests.labels(model, "", endpoint, exc.code.value).inc()
+            self.metrics.observe_request(model, "", endpoint, exc.code.value, start)
             await context.abort(GRPC_STATUS[exc.code], exc.message)
             raise  # abort raises; this line is for the type checker
-        self.metrics.requests.labels(model, str(version), endpoint, "ok").inc()
-        self.metrics.latency.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
+        self.metrics.observe_request(model, version, endpoint, "ok", start)
         return response
 
 

@@ -17,13 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from service.api.v2_infer import InferResponse, StrictBody, answer_infer
 from service.dataplane import DataPlane
-from service.errors import HTTP_STATUS, InvalidInput, PayloadTooLarge, ServiceError
+from service.errors import HTTP_STATUS, InvalidInput, ServiceError
 from service.metrics import Metrics
 from service.models import ModelManager
-from service.tensors import decode_bytes_elements
 
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
@@ -37,51 +37,10 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-# ---------------------------------------------------------------- schemas (Open Inference Protocol)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RequestInput(_Body):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = Field(None, description="Absent when the binary extension carries the tensor.")
-
-
-class RequestOutput(_Body):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(_Body):
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None
-
-
-class ResponseOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    outputs: list[ResponseOutput]
-
-
 # ---------------------------------------------------------------- schemas (task endpoints)
 
 
-class EmbeddingsRequest(_Body):
+class EmbeddingsRequest(StrictBody):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
@@ -89,7 +48,7 @@ class EmbeddingsRequest(_Body):
     truncate: bool = Field(False, description="Cut inputs longer than the model's limit instead of a 400.")
 
 
-class ClassifyRequest(_Body):
+class ClassifyRequest(StrictBody):
     model: str
     texts: list[str]
     text_pairs: list[str] | None = None
@@ -97,13 +56,13 @@ class ClassifyRequest(_Body):
     truncate: bool = False
 
 
-class SimilarityRequest(_Body):
+class SimilarityRequest(StrictBody):
     model: str
     pairs: list[list[str]]
     truncate: bool = False
 
 
-class RerankRequest(_Body):
+class RerankRequest(StrictBody):
     model: str
     query: str
     documents: list[str]
@@ -112,84 +71,6 @@ class RerankRequest(_Body):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _text_tensor(request: InferRequest) -> tuple[list[str], list[str] | None]:
-    """The BYTES input ``text`` (and optional ``text_pair``) of a v2 request, validated."""
-    tensors = {t.name: t for t in request.inputs}
-    if not request.inputs:
-        raise InvalidInput("inputs: give a BYTES tensor named 'text'")
-    unknown = set(tensors) - {"text", "text_pair"}
-    if unknown:
-        raise InvalidInput(f"inputs: unknown tensor(s) {sorted(unknown)}; this model takes 'text' (and 'text_pair')")
-    if "text" not in tensors:
-        raise InvalidInput("inputs: the BYTES tensor 'text' is missing")
-    values = {name: _bytes_values(tensor) for name, tensor in tensors.items()}
-    pairs = values.get("text_pair")
-    if pairs is not None and len(pairs) != len(values["text"]):
-        raise InvalidInput("inputs: 'text_pair' must have as many elements as 'text'")
-    return values["text"], pairs
-
-
-def _bytes_values(tensor: RequestInput) -> list[str]:
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"inputs.{tensor.name}: datatype must be BYTES, got {tensor.datatype}")
-    if any(d < 0 for d in tensor.shape) or not tensor.shape:
-        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} must be non-negative, e.g. [n] or [n, 1]")
-    if tensor.data is None:
-        raise InvalidInput(f"inputs.{tensor.name}: data is missing (give data, or binary_data_size with the binary "
-                           "extension)")
-    count = int(np.prod(tensor.shape))
-    flat = _flatten(tensor.data)
-    if count != len(flat):
-        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} holds {count} elements, data has {len(flat)}")
-    if any(not isinstance(v, str) for v in flat):
-        raise InvalidInput(f"inputs.{tensor.name}: BYTES data must be strings")
-    return flat
-
-
-def _flatten(data: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for value in data:
-        out.extend(_flatten(value) if isinstance(value, list) else [value])
-    return out
-
-
-async def _read_infer_request(request: Request, max_bytes: int) -> tuple[InferRequest, bool]:
-    """Parse a v2 infer body, JSON or binary-extension; returns it and whether to answer in binary."""
-    raw = await request.body()
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the {max_bytes}-byte limit "
-                              "(SAMPSERVE_MAX_BODY_BYTES)")
-    header_length = request.headers.get("inference-header-content-length")
-    try:
-        split = int(header_length) if header_length is not None else len(raw)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if not 0 <= split <= len(raw):
-        raise InvalidInput("Inference-Header-Content-Length is larger than the body")
-    try:
-        payload = orjson.loads(raw[:split])
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    try:
-        body = InferRequest.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    binary = raw[split:]
-    offset = 0
-    for tensor in body.inputs:
-        size = (tensor.parameters or {}).get("binary_data_size")
-        if size is None:
-            continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise InvalidInput(f"inputs.{tensor.name}: binary_data_size {size} does not fit the body")
-        tensor.data = decode_bytes_elements(binary[offset : offset + size], f"inputs.{tensor.name}")
-        offset += size
-    wants_binary = bool((body.parameters or {}).get("binary_data_output")) or any(
-        (o.parameters or {}).get("binary_data") for o in body.outputs or [])
-    return body, wants_binary
 
 
 def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
@@ -203,9 +84,6 @@ def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
 
 
 def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> FastAPI:
-    def settings_max_body(_: Request) -> int:
-        return dataplane.settings.max_body_bytes
-
     app = FastAPI(title="sampserve", version=SERVER_VERSION, default_response_class=FastJSONResponse,
                   description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.")
     app.state.draining = False
@@ -221,9 +99,7 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
         return _error(InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))),
                       request.url.path.startswith("/v1"))
 
-    def observe(model: str, version: int | str, endpoint: str, outcome: str, start: float) -> None:
-        metrics.requests.labels(model, str(version), endpoint, outcome).inc()
-        metrics.latency.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
+    observe = metrics.observe_request
 
     # -- health and metadata (v2) --
 
@@ -273,31 +149,12 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         """JSON, or the binary tensor extension (what tritonclient sends): a JSON header of
-        ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes."""
-        start = time.perf_counter()
-        try:
-            body, binary_out = await _read_infer_request(request, settings_max_body(request))
-            texts, pairs = _text_tensor(body)
-            result = await dataplane.forward(name, version, texts, pairs,
-                                             truncate=bool((body.parameters or {}).get("truncate", False)))
-        except ServiceError as exc:
-            observe(name, version or "", "infer", exc.code.value, start)
-            raise
-        output = "embeddings" if result.head.task == "matching" else "logits"
-        values = result.values.astype(np.float32)
-        observe(name, result.version, "infer", "ok", start)
-        header: dict[str, Any] = {"model_name": name, "model_version": str(result.version),
-                                  "outputs": [{"name": output, "shape": list(values.shape), "datatype": "FP32"}]}
-        if body.id is not None:
-            header["id"] = body.id
-        if not binary_out:
-            header["outputs"][0]["data"] = values.ravel()
-            return FastJSONResponse(header)
-        blob = values.astype("<f4").tobytes()
-        header["outputs"][0]["parameters"] = {"binary_data_size": len(blob)}
-        encoded = orjson.dumps(header)
-        return Response(encoded + blob, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(encoded))})
+        ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes. (The server
+        sends these requests to ``answer_infer`` before FastAPI; this route documents the call
+        and serves the app where it runs without that door.)"""
+        reply = await answer_infer(dataplane, metrics, name, version, await request.body(),
+                                   request.headers.get("inference-header-content-length"))
+        return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
 
     # -- task endpoints (v1) --
 
