@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,11 @@ def _sorted_batches_rate(sessions: list, tokenizer, texts: list[str], batch: int
     return sum(done) / (time.perf_counter() - start)
 
 
-def ceiling(model_dir: Path, texts: list[str], threads: int, instances: int) -> tuple[float, int, int]:
+def ceiling(model_dir: Path, texts: list[str], threads: int, counts: Sequence[int],
+            batches: Sequence[int] = (8, 16, 32)) -> tuple[float, int, int]:
     """Sentences/s through onnxruntime in-process, tokenization included, length-sorted batches,
-    sessions made as the server makes them; the best of batch sizes 8, 16 and 32 and of one session
-    or ``instances`` sessions side by side."""
+    sessions made as the server makes them: the best over ``batches`` and over ``counts`` sessions
+    side by side. Returns (rate, batch, sessions)."""
     from tokenizers import Tokenizer
 
     from service.runtimes.onnxruntime import OnnxRuntime
@@ -124,9 +126,9 @@ def ceiling(model_dir: Path, texts: list[str], threads: int, instances: int) -> 
     tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
     tokenizer.no_padding()  # each batch is padded to its own longest
     best = (0.0, 0, 0)
-    for count in sorted({1, instances}):
+    for count in counts:
         sessions = [OnnxRuntime(model_dir / "model.onnx", threads, spinning=count == 1) for _ in range(count)]
-        for batch in (8, 16, 32):
+        for batch in batches:
             best = max(best, (_sorted_batches_rate(sessions, tokenizer, texts, batch), batch, count))
     return best
 
@@ -181,7 +183,8 @@ def main() -> None:
     repo = prepare_repo(work)
     rows: list[tuple[str, int, dict]] = []
 
-    rate, batch, sessions = ceiling(repo / "fp32" / "1", texts, args.threads, args.instances)
+    rate, batch, sessions = ceiling(repo / "fp32" / "1", texts, args.threads, sorted({1, args.instances}))
+    paired: tuple[float, float, float] | None = None
     console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch}, {sessions} "
                   f"session(s) of {args.threads} threads)")
 
@@ -205,7 +208,14 @@ def main() -> None:
                     continue
                 if client == "aiohttp" and http_client() == "aiohttp":
                     continue  # the first row already is
+                pair = label == "sampserve REST, FP32" and clients == max(args.clients)
+                if pair:  # the ceiling again, right before and after: this machine drifts by minutes
+                    before = ceiling(repo / "fp32" / "1", texts, args.threads, [sessions], [batch])[0]
                 result = load(target, model, clients, args.seconds, sentence_file, protocol, client)
+                if pair:
+                    after = ceiling(repo / "fp32" / "1", texts, args.threads, [sessions], [batch])[0]
+                    paired = (before, after, result["rps"])
+                    console.print(f"ceiling before / after: {before:.0f} / {after:.0f} sentences/s")
                 rows.append((label, clients, result))
                 console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
                               f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
@@ -217,7 +227,7 @@ def main() -> None:
     else:
         console.print(f"MLServer peer skipped: {PEER_PYTHON} missing (see bench/peers/README.md)")
 
-    write_section(markdown(rows, (rate, batch, sessions), args), args.out, MARKS)
+    write_section(markdown(rows, (rate, batch, sessions), paired, args), args.out, MARKS)
     console.print(f"wrote {args.out}")
 
 
@@ -243,7 +253,8 @@ def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path)
     return rows
 
 
-def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int], args: argparse.Namespace) -> str:
+def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int],
+             paired: tuple[float, float, float] | None, args: argparse.Namespace) -> str:
     rate, batch, sessions = best
     lines = ["## Serving: sampserve vs MLServer and the in-process ceiling", "",
              f"`python bench/serve.py` ({args.seconds:.0f} s per point, {machine()}, CPU only; onnxruntime "
@@ -260,6 +271,12 @@ def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int], ar
         errors = {k: v for k, v in r["codes"].items() if k not in ("200", "OK")}
         lines.append(f"| {label} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['rps'] / rate:.0%} | {errors or '-'} |")
+    if paired is not None:
+        before, after, rps = paired
+        lines += ["", f"Paired: the ceiling's best configuration measured again right before and after the "
+                  f"{max(args.clients)}-client `sampserve REST, FP32` point gave {before:.0f} and {after:.0f} "
+                  f"sentences/s; that point reached **{rps / ((before + after) / 2):.0%}** of their mean (the "
+                  "column above divides by the first ceiling, measured minutes earlier)."]
     return "\n".join(lines) + "\n"
 
 
