@@ -101,9 +101,9 @@ class ModelManager:
         count = config.batching.instances or self.settings.instances
         runtimes = [RUNTIMES["onnxruntime"](path / ONNX_FILE, self.settings.threads, count == 1) for _ in range(count)]
         idle: queue.SimpleQueue[Runtime] = queue.SimpleQueue()
+        warm_up = head.collate(head.encode(["warm up"], truncate=True))
         for runtime in runtimes:
-            # warm-up: one real forward pass each before the version may take traffic
-            runtime.run(head.collate(head.encode(["warm up"], truncate=True)))
+            runtime.run(warm_up)  # one real forward pass each before the version may take traffic
             idle.put(runtime)
         policy = BatchPolicy(max_batch_size=config.batching.max_batch_size,
                              max_batch_tokens=config.batching.max_batch_tokens,

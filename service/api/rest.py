@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
-from service.api.v2_infer import InferResponse, StrictBody, answer_infer
+from service.api.v2_infer import InferResponse, StrictBody, answer_infer, error_reply
 from service.dataplane import DataPlane
 from service.errors import HTTP_STATUS, InvalidInput, ServiceError
 from service.metrics import Metrics
@@ -73,11 +73,12 @@ class RerankRequest(StrictBody):
 # ---------------------------------------------------------------- helpers
 
 
-def _error(exc: ServiceError, openai_style: bool) -> JSONResponse:
-    status = HTTP_STATUS[exc.code]
+def _error(exc: ServiceError, openai_style: bool) -> Response:
     if openai_style:
+        status = HTTP_STATUS[exc.code]
         return JSONResponse({"error": {"message": exc.message, "type": exc.code.value, "code": status}}, status)
-    return JSONResponse({"error": exc.message}, status)
+    reply = error_reply(exc)  # the v2 shape, as the infer door writes it
+    return Response(reply.body, reply.status, media_type=reply.content_type)
 
 
 # ---------------------------------------------------------------- the app
@@ -89,11 +90,11 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
     app.state.draining = False
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         return _error(exc, request.url.path.startswith("/v1"))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))),

@@ -14,6 +14,7 @@ Bodies are JSON, or the binary tensor extension (what tritonclient sends): a JSO
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -136,9 +137,7 @@ def _bytes_values(tensor: RequestInput) -> list[str]:
     if tensor.data is None:
         raise InvalidInput(f"inputs.{tensor.name}: data is missing (give data, or binary_data_size with the binary "
                            "extension)")
-    count = 1
-    for dim in tensor.shape:
-        count *= dim
+    count = math.prod(tensor.shape)
     flat = _flatten(tensor.data)
     if count != len(flat):
         raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} holds {count} elements, data has {len(flat)}")
