@@ -13,7 +13,8 @@ import signal
 
 import uvicorn
 
-from service.api.grpc import GrpcServer
+from service.api.grpc import INFERENCE_SERVICE, TASKS_SERVICE, GrpcServer
+from service.api.grpc_front import GrpcFront, RotatingH2Protocol, unary_methods
 from service.api.rest import create_app
 from service.api.v2_infer import InferDoor
 from service.dataplane import DataPlane
@@ -23,6 +24,7 @@ from service.net import bind
 from service.settings import Settings
 
 log = logging.getLogger("sampserve")
+GRPC_IDLE_S = 300  # gRPC channels keep their connection; close it only after this long idle
 
 
 async def serve(settings: Settings) -> int:
@@ -39,20 +41,29 @@ async def serve(settings: Settings) -> int:
     await models.start_polling()
     dataplane = DataPlane(models, settings)
     app = create_app(models, dataplane, metrics)
-    grpc_server = GrpcServer(models, dataplane, metrics, settings.host, settings.grpc_port, settings.max_body_bytes)
+    # grpc.aio on a private loopback port; the public gRPC port is the front (why: service.api.grpc_front)
+    grpc_server = GrpcServer(models, dataplane, metrics, "127.0.0.1", 0, settings.max_body_bytes)
     await grpc_server.start()
+    front = GrpcFront({**unary_methods(grpc_server.inference, INFERENCE_SERVICE),
+                       **unary_methods(grpc_server.tasks, TASKS_SERVICE)},
+                      f"127.0.0.1:{grpc_server.port}", settings.max_body_bytes)
     sock = bind(settings.host, settings.http_port)
+    grpc_sock = bind(settings.host, settings.grpc_port)
+    grace = int(settings.drain_grace_s) or None
     # v2 infer goes straight to its handler, the rest through FastAPI (why: service.api.v2_infer)
-    config = uvicorn.Config(InferDoor(app, dataplane, metrics), log_level="warning",
-                            timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
-                            limit_concurrency=None, access_log=False)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
+    server = uvicorn.Server(uvicorn.Config(InferDoor(app, dataplane, metrics), log_level="warning",
+                                           timeout_graceful_shutdown=grace, limit_concurrency=None, access_log=False))
+    grpc_front = uvicorn.Server(uvicorn.Config(
+        front, http=RotatingH2Protocol, lifespan="off", log_level="warning", access_log=False, proxy_headers=False,
+        timeout_graceful_shutdown=grace, timeout_keep_alive=GRPC_IDLE_S, server_header=False, date_header=False))
+    for each in (server, grpc_front):
+        each.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
 
     def stop() -> None:
         app.state.draining = True  # readiness goes false before anything else
         grpc_server.inference.draining = True
         server.should_exit = True
+        grpc_front.should_exit = True
 
     async def sync_health() -> None:
         while True:
@@ -64,10 +75,11 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop)
     host, port = sock.getsockname()[:2]
     health_task = loop.create_task(sync_health())
-    print(f"sampserve: REST on http://{host}:{port} gRPC on {host}:{grpc_server.port} "
+    print(f"sampserve: REST on http://{host}:{port} gRPC on {host}:{grpc_sock.getsockname()[1]} "
           f"(models: {', '.join(sorted(models.models)) or 'none'})", flush=True)
-    await server.serve(sockets=[sock])
+    await asyncio.gather(server.serve(sockets=[sock]), grpc_front.serve(sockets=[grpc_sock]))
     health_task.cancel()
+    await front.close()
     await grpc_server.drain(settings.drain_grace_s)
     await models.close()
     log.info("drained; bye")

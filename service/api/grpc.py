@@ -29,6 +29,8 @@ from service.tensors import decode_bytes_elements, utf8
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
 Response = TypeVar("Response")
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+TASKS_SERVICE = tasks_pb.DESCRIPTOR.services_by_name["Tasks"]
 
 
 def _texts_of(request: pb.ModelInferRequest) -> tuple[list[str], list[str] | None]:
@@ -185,11 +187,11 @@ class GrpcServer:
         self.server = grpc.aio.server(options=options)
         self.inference = InferenceServicer(models, dataplane, metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self.server)
-        tasks_grpc.add_TasksServicer_to_server(TasksServicer(models, dataplane, metrics), self.server)
+        self.tasks = TasksServicer(models, dataplane, metrics)
+        tasks_grpc.add_TasksServicer_to_server(self.tasks, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                 tasks_pb.DESCRIPTOR.services_by_name["Tasks"].full_name,
+        names = (INFERENCE_SERVICE.full_name, TASKS_SERVICE.full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")

@@ -1,0 +1,282 @@
+"""The public gRPC port: gRPC's wire protocol spoken over uvicorn's HTTP/2 (zttp, a compiled HTTP/2
+engine), in front of the ``grpc.aio`` server.
+
+Why: grpc.aio spends about 0.45 ms of CPU per unary call on this machine's cores (its completion
+queue hands every event across three threads), four to five times what uvicorn's HTTP/1.1 costs
+per request; on 2 cores that CPU is taken from the model and gRPC served fewer requests/s than
+REST. Served by this front, an echo call costs about 0.11-0.14 ms (docs/benchmarks.md).
+
+How: the unary methods of the v2 ``GRPCInferenceService`` and of our ``Tasks`` service are answered
+here, in-process, by the very servicer methods grpc.aio registers (one implementation of each
+call). Every other call (health, reflection, anything unknown) is relayed message by message to
+the grpc.aio server, which listens on a private loopback port: its status, details and streaming
+behaviour reach the client unchanged. The wire format (gRPC over HTTP/2, PROTOCOL-HTTP2.md):
+length-prefixed messages, ``grpc-timeout``, ``grpc-status``/``grpc-message`` trailers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
+from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
+
+log = logging.getLogger("sampserve")
+
+_CONTENT_TYPE = (b"content-type", b"application/grpc")
+# request headers that belong to the transport, not to the call's metadata
+_NOT_METADATA = {"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "user-agent",
+                 "host", "content-length"}
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+Handler = Callable[[Message, Any], Awaitable[Message]]
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class CallError(Exception):
+    """Ends a call with a gRPC status; raised by ``FrontContext.abort`` like grpc.aio's abort."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class FrontContext:
+    """What our servicers use of ``grpc.aio.ServicerContext``, for calls answered by the front."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise CallError(code, details)
+
+    def invocation_metadata(self) -> Metadata:
+        return self._metadata
+
+
+def unary_methods(servicer: Any, service: Any) -> dict[str, tuple[Handler, type[Message]]]:
+    """``/package.Service/Method`` -> (the servicer's bound method, its request class), for each
+    method of ``service`` (a protobuf ServiceDescriptor) that streams neither way."""
+    return {f"/{service.full_name}/{method.name}": (getattr(servicer, method.name),
+                                                    message_factory.GetMessageClass(method.input_type))
+            for method in service.methods if not method.client_streaming and not method.server_streaming}
+
+
+def parse_timeout(value: str) -> float:
+    """``grpc-timeout`` (e.g. ``250m``, ``10S``) in seconds; PROTOCOL-HTTP2.md allows 8 digits and a unit."""
+    match = _TIMEOUT.match(value)
+    if match is None:
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed grpc-timeout {value!r}")
+    return int(match[1]) * _TIMEOUT_UNITS[match[2]]
+
+
+def call_metadata(headers: dict[str, str]) -> tuple[tuple[str, str | bytes], ...]:
+    """The call's custom metadata from its HTTP/2 headers; ``-bin`` values arrive base64-encoded."""
+    out: list[tuple[str, str | bytes]] = []
+    for key, value in headers.items():
+        if key in _NOT_METADATA or key.startswith((":", "grpc-")):
+            continue
+        out.append((key, base64.b64decode(value + "=" * (-len(value) % 4)) if key.endswith("-bin") else value))
+    return tuple(out)
+
+
+def frame(payload: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+class MessageReader:
+    """Splits the request body (ASGI chunks) into gRPC messages, refusing compressed or oversized ones."""
+
+    def __init__(self, receive: Any, max_bytes: int) -> None:
+        self.receive, self.max_bytes = receive, max_bytes
+        self.buffer = bytearray()
+        self.ended = False
+        self.disconnected = False
+
+    async def _fill(self, size: int) -> bool:
+        while len(self.buffer) < size and not self.ended:
+            event = await self.receive()
+            if event["type"] == "http.disconnect":
+                self.ended = self.disconnected = True
+                break
+            self.buffer += event.get("body", b"")
+            self.ended = not event.get("more_body", False)
+        return len(self.buffer) >= size
+
+    async def next(self) -> bytes | None:
+        """The next message, or None at the end of the request stream."""
+        if not await self._fill(5):
+            if self.buffer:
+                raise CallError(grpc.StatusCode.INTERNAL, "request ends inside a message prefix")
+            return None
+        compressed, length = self.buffer[0], struct.unpack(">I", self.buffer[1:5])[0]
+        if compressed:
+            raise CallError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity")
+        if length > self.max_bytes:
+            raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"request message of {length} bytes exceeds the {self.max_bytes}-byte limit")
+        if not await self._fill(5 + length):
+            raise CallError(grpc.StatusCode.INTERNAL, "request ends inside a message")
+        payload = bytes(self.buffer[5:5 + length])
+        del self.buffer[:5 + length]
+        return payload
+
+
+class GrpcFront:
+    """ASGI app for the public gRPC port: ``methods`` answered here, everything else relayed to
+    ``relay_target`` (the grpc.aio server)."""
+
+    def __init__(self, methods: dict[str, tuple[Handler, type[Message]]], relay_target: str,
+                 max_message_bytes: int) -> None:
+        self.methods, self.relay_target, self.max_message_bytes = methods, relay_target, max_message_bytes
+        self._channel: grpc.aio.Channel | None = None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] != "POST" or not headers.get("content-type", "").startswith("application/grpc"):
+            # PROTOCOL-HTTP2.md: a request that is not gRPC gets HTTP 415
+            await send({"type": "http.response.start", "status": 415, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"this port speaks gRPC (application/grpc)\n"})
+            return
+        started = [False]
+        try:
+            timeout = parse_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
+            metadata = call_metadata(headers)
+            reader = MessageReader(receive, self.max_message_bytes)
+            method = self.methods.get(scope["path"])
+            if method is None:
+                await self._relay(scope["path"], reader, metadata, timeout, send, started)
+                return
+            await self._answer(method, reader, metadata, timeout, send, started)
+        except CallError as exc:
+            await self._end(send, started, exc.code, exc.details)
+        except Exception:  # a bug must cost one call an INTERNAL status, never the connection
+            log.exception("gRPC call %s failed", scope["path"])
+            await self._end(send, started, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    async def _answer(self, method: tuple[Handler, type[Message]], reader: MessageReader,
+                      metadata: Metadata, timeout: float | None, send: Any,
+                      started: list[bool]) -> None:
+        handler, request_class = method
+        payload = await reader.next()
+        if payload is None or await reader.next() is not None:
+            raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
+        try:
+            request = request_class.FromString(payload)
+        except DecodeError:
+            raise CallError(grpc.StatusCode.INTERNAL, "request message does not parse") from None
+        # the client may reset the stream (cancel, deadline): the call is then cancelled, which drops
+        # its inputs from the batch queue, as grpc.aio does
+        task = asyncio.current_task()
+        answered = False
+
+        def client_gone(_: asyncio.Future) -> None:
+            if not answered and task is not None:
+                task.cancel()
+
+        gone = asyncio.ensure_future(reader.receive())  # returns at a reset, or once we have answered
+        gone.add_done_callback(client_gone)
+        try:
+            if timeout is None:
+                reply = await handler(request, FrontContext(metadata))
+            else:
+                async with asyncio.timeout(timeout):
+                    reply = await handler(request, FrontContext(metadata))
+        except TimeoutError:
+            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except asyncio.CancelledError:
+            if gone.done() and not answered and task is not None:
+                task.uncancel()
+                return  # nobody is left to answer
+            raise
+        finally:
+            answered = True
+        await self._start(send, started)
+        await send({"type": "http.response.body", "body": frame(reply.SerializeToString()), "more_body": True})
+        await self._end(send, started, grpc.StatusCode.OK, "")
+
+    async def _relay(self, path: str, reader: MessageReader, metadata: Metadata,
+                     timeout: float | None, send: Any, started: list[bool]) -> None:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.relay_target)
+
+        sent_all = asyncio.Event()
+
+        async def requests() -> AsyncIterator[bytes]:
+            while (payload := await reader.next()) is not None:
+                yield payload
+            sent_all.set()
+
+        async def cancel_when_gone() -> None:  # e.g. a health Watch the client stopped
+            await sent_all.wait()
+            if not reader.disconnected:
+                await reader.receive()  # returns once the client resets the stream (or we answered)
+            call.cancel()
+
+        call = self._channel.stream_stream(path)(requests(), metadata=metadata or None, timeout=timeout)
+        watcher = asyncio.ensure_future(cancel_when_gone())
+        try:
+            async for reply in call:
+                await self._start(send, started)
+                await send({"type": "http.response.body", "body": frame(reply), "more_body": True})
+        except grpc.aio.AioRpcError:
+            pass  # its status is read below
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                raise  # our own task is cancelled, not the relayed call
+        finally:
+            watcher.cancel()
+        if call.cancelled() and reader.disconnected:
+            return
+        await self._end(send, started, await call.code(), await call.details() or "")
+
+    @staticmethod
+    async def _start(send: Any, started: list[bool]) -> None:
+        if not started[0]:
+            started[0] = True
+            await send({"type": "http.response.start", "status": 200, "headers": [_CONTENT_TYPE], "trailers": True})
+
+    async def _end(self, send: Any, started: list[bool], code: grpc.StatusCode, details: str) -> None:
+        await self._start(send, started)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        trailers = [(b"grpc-status", str(code.value[0]).encode())]
+        if details:  # percent-encoded, as PROTOCOL-HTTP2.md asks
+            trailers.append((b"grpc-message", quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()))
+        await send({"type": "http.response.trailers", "headers": trailers})
+
+
+class RotatingH2Protocol(ZttpH2Protocol):
+    """uvicorn's HTTP/2 connection, politely retired after ``max_streams`` streams.
+
+    zttp closes a connection (GOAWAY ENHANCE_YOUR_CALM) once 4096 streams have been opened on it, a
+    guard against rapid-reset floods, and the calls then in flight fail. gRPC channels keep one
+    connection for their lifetime, so before that cap this protocol sends a graceful GOAWAY
+    (NO_ERROR, every stream so far accepted) and keeps serving: the client finishes its calls,
+    opens a new connection for the next ones, and closes this one. nginx does the same for HTTP/2
+    (``keepalive_requests``, 1000 by default).
+    """
+
+    max_streams = 2000
+    _opened = 0
+
+    def handle_request(self, event: Any) -> None:
+        super().handle_request(event)
+        self._opened += 1
+        if self._opened == self.max_streams:
+            self.conn.close(0, 2**31 - 1)
+            self.flush()
