@@ -14,7 +14,7 @@ import signal
 import uvicorn
 
 from service.api.grpc import INFERENCE_SERVICE, TASKS_SERVICE, GrpcServer
-from service.api.grpc_front import GrpcFront, RotatingH2Protocol, unary_methods
+from service.api.grpc_front import GrpcFront, unary_methods
 from service.api.rest import create_app
 from service.api.v2_infer import InferDoor
 from service.dataplane import DataPlane
@@ -54,7 +54,7 @@ async def serve(settings: Settings) -> int:
     server = uvicorn.Server(uvicorn.Config(InferDoor(app, dataplane, metrics), log_level="warning",
                                            timeout_graceful_shutdown=grace, limit_concurrency=None, access_log=False))
     grpc_front = uvicorn.Server(uvicorn.Config(
-        front, http=RotatingH2Protocol, lifespan="off", log_level="warning", access_log=False, proxy_headers=False,
+        front, http=front.protocol(), lifespan="off", log_level="warning", access_log=False, proxy_headers=False,
         timeout_graceful_shutdown=grace, timeout_keep_alive=GRPC_IDLE_S, server_header=False, date_header=False))
     for each in (server, grpc_front):
         each.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below

@@ -28,6 +28,8 @@ from urllib.parse import quote
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
+import zttp
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
 log = logging.getLogger("sampserve")
@@ -138,7 +140,36 @@ class GrpcFront:
     def __init__(self, methods: dict[str, tuple[Handler, type[Message]]], relay_target: str,
                  max_message_bytes: int) -> None:
         self.methods, self.relay_target, self.max_message_bytes = methods, relay_target, max_message_bytes
+        self.by_path = {path.encode(): method for path, method in methods.items()}
         self._channel: grpc.aio.Channel | None = None
+
+    def protocol(self) -> type[GrpcH2Protocol]:
+        """The HTTP/2 protocol class uvicorn should run for this front."""
+        return type("BoundGrpcH2Protocol", (GrpcH2Protocol,), {"front": self})
+
+    async def answer(self, protocol: GrpcH2Protocol, stream_id: int, call: UnaryCall) -> None:
+        """Run one unary call and write its answer; a cancellation (stream reset) ends it silently."""
+        try:
+            request = call.request_class.FromString(one_message(call.body, self.max_message_bytes))
+            if call.timeout is None:
+                reply = await call.handler(request, FrontContext(call.metadata))
+            else:
+                async with asyncio.timeout(call.timeout):
+                    reply = await call.handler(request, FrontContext(call.metadata))
+        except CallError as exc:
+            protocol.respond(stream_id, None, exc.code, exc.details)
+        except DecodeError:
+            protocol.respond(stream_id, None, grpc.StatusCode.INTERNAL, "request message does not parse")
+        except TimeoutError:
+            protocol.respond(stream_id, None, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except asyncio.CancelledError:
+            protocol.call_closed(stream_id)
+            raise
+        except Exception:  # a bug must cost one call an INTERNAL status, never the connection
+            log.exception("gRPC call on stream %d failed", stream_id)
+            protocol.respond(stream_id, None, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        else:
+            protocol.respond(stream_id, reply.SerializeToString(), grpc.StatusCode.OK)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -158,57 +189,12 @@ class GrpcFront:
             timeout = parse_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
             metadata = call_metadata(headers)
             reader = MessageReader(receive, self.max_message_bytes)
-            method = self.methods.get(scope["path"])
-            if method is None:
-                await self._relay(scope["path"], reader, metadata, timeout, send, started)
-                return
-            await self._answer(method, reader, metadata, timeout, send, started)
+            await self._relay(scope["path"], reader, metadata, timeout, send, started)
         except CallError as exc:
             await self._end(send, started, exc.code, exc.details)
         except Exception:  # a bug must cost one call an INTERNAL status, never the connection
             log.exception("gRPC call %s failed", scope["path"])
             await self._end(send, started, grpc.StatusCode.INTERNAL, "internal error; see the server log")
-
-    async def _answer(self, method: tuple[Handler, type[Message]], reader: MessageReader,
-                      metadata: Metadata, timeout: float | None, send: Any,
-                      started: list[bool]) -> None:
-        handler, request_class = method
-        payload = await reader.next()
-        if payload is None or await reader.next() is not None:
-            raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
-        try:
-            request = request_class.FromString(payload)
-        except DecodeError:
-            raise CallError(grpc.StatusCode.INTERNAL, "request message does not parse") from None
-        # the client may reset the stream (cancel, deadline): the call is then cancelled, which drops
-        # its inputs from the batch queue, as grpc.aio does
-        task = asyncio.current_task()
-        answered = False
-
-        def client_gone(_: asyncio.Future) -> None:
-            if not answered and task is not None:
-                task.cancel()
-
-        gone = asyncio.ensure_future(reader.receive())  # returns at a reset, or once we have answered
-        gone.add_done_callback(client_gone)
-        try:
-            if timeout is None:
-                reply = await handler(request, FrontContext(metadata))
-            else:
-                async with asyncio.timeout(timeout):
-                    reply = await handler(request, FrontContext(metadata))
-        except TimeoutError:
-            raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        except asyncio.CancelledError:
-            if gone.done() and not answered and task is not None:
-                task.uncancel()
-                return  # nobody is left to answer
-            raise
-        finally:
-            answered = True
-        await self._start(send, started)
-        await send({"type": "http.response.body", "body": frame(reply.SerializeToString()), "more_body": True})
-        await self._end(send, started, grpc.StatusCode.OK, "")
 
     async def _relay(self, path: str, reader: MessageReader, metadata: Metadata,
                      timeout: float | None, send: Any, started: list[bool]) -> None:
@@ -254,29 +240,169 @@ class GrpcFront:
     async def _end(self, send: Any, started: list[bool], code: grpc.StatusCode, details: str) -> None:
         await self._start(send, started)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        trailers = [(b"grpc-status", str(code.value[0]).encode())]
-        if details:  # percent-encoded, as PROTOCOL-HTTP2.md asks
-            trailers.append((b"grpc-message", quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()))
-        await send({"type": "http.response.trailers", "headers": trailers})
+        await send({"type": "http.response.trailers", "headers": trailers(code, details)})
 
 
-class RotatingH2Protocol(ZttpH2Protocol):
-    """uvicorn's HTTP/2 connection, politely retired after ``max_streams`` streams.
+def one_message(body: bytes | bytearray, max_bytes: int) -> bytes:
+    """The single message of a unary call's request body."""
+    if len(body) < 5:
+        raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
+    compressed, length = body[0], struct.unpack(">I", body[1:5])[0]
+    if compressed:
+        raise CallError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity")
+    if length > max_bytes:
+        raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"request message of {length} bytes exceeds the {max_bytes}-byte limit")
+    if len(body) != 5 + length:
+        raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
+    return bytes(body[5:])
 
-    zttp closes a connection (GOAWAY ENHANCE_YOUR_CALM) once 4096 streams have been opened on it, a
-    guard against rapid-reset floods, and the calls then in flight fail. gRPC channels keep one
-    connection for their lifetime, so before that cap this protocol sends a graceful GOAWAY
-    (NO_ERROR, every stream so far accepted) and keeps serving: the client finishes its calls,
-    opens a new connection for the next ones, and closes this one. nginx does the same for HTTP/2
-    (``keepalive_requests``, 1000 by default).
+
+def trailers(code: grpc.StatusCode, details: str) -> list[tuple[bytes, bytes]]:
+    out = [(b"grpc-status", str(code.value[0]).encode())]
+    if details:  # percent-encoded, as PROTOCOL-HTTP2.md asks
+        out.append((b"grpc-message", quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()))
+    return out
+
+
+class UnaryCall:
+    """One unary call the protocol answers itself: its handler, and its request body as it arrives."""
+
+    __slots__ = ("body", "handler", "metadata", "request_class", "task", "timeout")
+
+    def __init__(self, method: tuple[Handler, type[Message]], metadata: Metadata, timeout: float | None) -> None:
+        self.handler, self.request_class = method
+        self.metadata, self.timeout = metadata, timeout
+        self.body = bytearray()
+        self.task: asyncio.Task | None = None
+
+
+class GrpcH2Protocol(ZttpH2Protocol):
+    """uvicorn's HTTP/2 connection with two additions for gRPC.
+
+    Unary calls to ``front.methods`` are answered by the protocol itself, without ASGI: no scope,
+    no request/response cycle, headers + message + trailers in one write, and a stream reset
+    cancels its call directly (its inputs leave the batch queue, as with grpc.aio). Everything
+    else (relayed calls, non-gRPC requests) goes through uvicorn's ASGI path to ``front``.
+
+    Retirement: zttp closes a connection (GOAWAY ENHANCE_YOUR_CALM) once 4096 streams have been
+    opened on it, a guard against rapid-reset floods, and the calls then in flight fail. gRPC
+    channels keep one connection for their lifetime, so after ``max_streams`` streams this protocol
+    sends a graceful GOAWAY (NO_ERROR, every stream so far accepted) and keeps serving: the client
+    finishes its calls, opens a new connection for the next ones, and closes this one. nginx does
+    the same for HTTP/2 (``keepalive_requests``, 1000 by default).
     """
 
     max_streams = 2000
-    _opened = 0
+    front: GrpcFront  # bound by GrpcFront.protocol()
 
-    def handle_request(self, event: Any) -> None:
-        super().handle_request(event)
-        self._opened += 1
-        if self._opened == self.max_streams:
-            self.conn.close(0, 2**31 - 1)
-            self.flush()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened = 0
+        self.calls: dict[int, UnaryCall] = {}
+        self.close_when_idle = False
+
+    def handle_events(self) -> None:
+        for event in self.events():
+            call = self.calls.get(getattr(event, "stream_id", 0))
+            if call is not None:
+                self.call_event(call, event)
+                continue
+            if isinstance(event, zttp.Request):
+                self.opened += 1
+                if self.opened == self.max_streams:
+                    self.conn.close(0, 2**31 - 1)
+                    self.flush()
+                if self.start_call(event):
+                    continue
+            self.asgi_event(event)
+
+    def start_call(self, event: Any) -> bool:
+        """Take the request if it is a unary call the front answers itself."""
+        method = self.front.by_path.get(event.path)
+        if method is None or event.method != b"POST" or self.shutdown_requested:
+            return False
+        headers = event.headers.to_list(lowercase_names=True) if isinstance(event.headers, zttp.HeaderBlock) \
+            else [(name.lower(), value) for name, value in event.headers]
+        fields = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        if not fields.get("content-type", "").startswith("application/grpc"):
+            return False  # the ASGI path answers 415
+        try:
+            timeout = parse_timeout(fields["grpc-timeout"]) if "grpc-timeout" in fields else None
+        except CallError as exc:
+            self.respond(event.stream_id, None, exc.code, exc.details)
+            return True
+        self.calls[event.stream_id] = UnaryCall(method, call_metadata(fields), timeout)
+        return True
+
+    def call_event(self, call: UnaryCall, event: Any) -> None:
+        if isinstance(event, zttp.Data):
+            call.body += event.data
+            if len(call.body) > self.front.max_message_bytes + 5:
+                self.respond(event.stream_id, None, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"request exceeds the {self.front.max_message_bytes}-byte limit")
+        elif isinstance(event, zttp.EndOfMessage) and call.task is None:
+            call.task = self.loop.create_task(self.front.answer(self, event.stream_id, call))
+            call.task.add_done_callback(self.tasks.discard)
+            self.tasks.add(call.task)  # uvicorn's graceful shutdown waits for these
+        elif isinstance(event, zttp.RstStream):  # the client cancelled, or its deadline passed
+            if call.task is not None:
+                call.task.cancel()
+            self.call_closed(event.stream_id)
+
+    def respond(self, stream_id: int, payload: bytes | None, code: grpc.StatusCode, details: str = "") -> None:
+        if not self.transport.is_closing():
+            try:
+                stream = self.conn.stream(stream_id)
+                stream.send_response(200, [_CONTENT_TYPE])
+                if payload is not None:
+                    stream.send_data(frame(payload))
+                stream.end_message(trailers(code, details))
+                self.transport.write(self.conn.data_to_send())
+            except zttp.ProtocolError:  # the stream is gone (reset, connection failing): nobody to answer
+                pass
+        self.call_closed(stream_id)
+
+    def call_closed(self, stream_id: int) -> None:
+        if self.calls.pop(stream_id, None) is None:
+            return
+        self.server_state.total_requests += 1
+        if not self.calls and not self.transport.is_closing() and (
+                self.close_when_idle or (self.shutdown_requested and not self.cycles)):
+            super()._close_connection()
+
+    def _close_connection(self) -> None:
+        if self.calls:  # uvicorn only knows its ASGI streams: wait for ours too
+            self.close_when_idle = True
+            return
+        super()._close_connection()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for call in self.calls.values():
+            if call.task is not None:
+                call.task.cancel()
+        self.calls.clear()
+        super().connection_lost(exc)
+
+    def asgi_event(self, event: Any) -> None:
+        """uvicorn's own handling of one event (ZttpH2Protocol.handle_events, per event)."""
+        if isinstance(event, zttp.Request):
+            self.handle_request(event)
+        elif isinstance(event, zttp.Data):
+            cycle = self.cycles.get(event.stream_id)
+            if cycle is not None and not cycle.response_complete:
+                cycle.body += event.data
+                if len(cycle.body) > HIGH_WATER_LIMIT:
+                    self.flow.pause_reading()
+                cycle.message_event.set()
+        elif isinstance(event, zttp.EndOfMessage):
+            cycle = self.cycles.get(event.stream_id)
+            if cycle is not None and not cycle.response_complete:
+                cycle.more_body = False
+                cycle.message_event.set()
+        elif isinstance(event, zttp.RstStream):
+            self.handle_rst_stream(event)
+        elif isinstance(event, zttp.GoAway):
+            self.shutdown_requested = True
+            if not self.cycles:
+                self._close_connection()

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb  # the v2 protocol's messages, as stock clients build them
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.api.grpc_front import CallError, MessageReader, RotatingH2Protocol, frame, parse_timeout
+from service.api.grpc_front import CallError, GrpcH2Protocol, MessageReader, frame, one_message, parse_timeout
 from service.repository import MODEL_CONFIG_FILE
 from tests.servers import start_server
 
@@ -99,15 +99,21 @@ async def test_messages_split_across_chunks_and_refusals():
         with pytest.raises(CallError) as caught:
             await _all(_reader(chunks))
         assert caught.value.code == code
+        with pytest.raises(CallError) as caught:  # the unary fast path refuses the same bodies
+            one_message(b"".join(chunks), 1024)
+        assert caught.value.code == code
+    assert one_message(frame(b"one"), 1024) == b"one"
+    with pytest.raises(CallError, match="exactly one"):
+        one_message(frame(b"one") + frame(b"two"), 1024)
 
 
 # ---------------------------------------------------------------- the real server
 
 
 def test_one_channel_outlives_the_per_connection_stream_cap(server):
-    """More calls than RotatingH2Protocol.max_streams on one channel, 32 at a time: the front retires
+    """More calls than GrpcH2Protocol.max_streams on one channel, 32 at a time: the front retires
     the connection gracefully and the channel moves to a new one with no failed call."""
-    calls = RotatingH2Protocol.max_streams + 400
+    calls = GrpcH2Protocol.max_streams + 400
     counts: Counter = Counter()
     lock = threading.Lock()
     with grpc.insecure_channel(server.grpc_target) as channel:
