@@ -1,10 +1,10 @@
 """The public gRPC port: gRPC's wire protocol spoken over uvicorn's HTTP/2 (zttp, a compiled HTTP/2
 engine), in front of the ``grpc.aio`` server.
 
-Why: grpc.aio spends about 0.45 ms of CPU per unary call on this machine's cores (its completion
+Why: grpc.aio spends 0.35-0.45 ms of CPU per unary call on this machine's cores (its completion
 queue hands every event across three threads), four to five times what uvicorn's HTTP/1.1 costs
 per request; on 2 cores that CPU is taken from the model and gRPC served fewer requests/s than
-REST. Served by this front, an echo call costs about 0.11-0.14 ms (docs/benchmarks.md).
+REST. Through this front an echo call costs 0.07 ms (``python bench/transport_cost.py``).
 
 How: the unary methods of the v2 ``GRPCInferenceService`` and of our ``Tasks`` service are answered
 here, in-process, by the very servicer methods grpc.aio registers (one implementation of each
@@ -367,15 +367,27 @@ class GrpcH2Protocol(ZttpH2Protocol):
         if self.calls.pop(stream_id, None) is None:
             return
         self.server_state.total_requests += 1
-        if not self.calls and not self.transport.is_closing() and (
-                self.close_when_idle or (self.shutdown_requested and not self.cycles)):
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
+        """Close once neither our calls nor uvicorn's streams are open and every answer has left:
+        zttp parks bytes beyond the client's flow-control window until it grants more."""
+        if self.calls or self.transport.is_closing() or self.conn.has_pending_send():
+            return
+        if self.close_when_idle or (self.shutdown_requested and not self.cycles):
+            self.close_when_idle = False
             super()._close_connection()
 
     def _close_connection(self) -> None:
-        if self.calls:  # uvicorn only knows its ASGI streams: wait for ours too
+        if self.calls or self.conn.has_pending_send():  # uvicorn only knows its ASGI streams
             self.close_when_idle = True
             return
         super()._close_connection()
+
+    def flush(self) -> None:
+        super().flush()
+        if self.close_when_idle:  # a window update may have let the last parked bytes out
+            self.close_if_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for call in self.calls.values():

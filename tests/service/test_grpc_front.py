@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb  # the v2 protocol's messages, as stock clients build them
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from service.api.grpc_gen import sampserve_pb2 as tasks_pb
+from service.api.grpc_gen import sampserve_pb2_grpc as tasks_grpc
 from service.api.grpc_front import CallError, GrpcH2Protocol, MessageReader, frame, one_message, parse_timeout
 from service.repository import MODEL_CONFIG_FILE
 from tests.servers import start_server
@@ -159,6 +161,16 @@ def test_relayed_stream_refused_compression_and_non_grpc_requests(server):
                              f"http://{server.grpc_target}/inference.GRPCInferenceService/ModelInfer"],
                             capture_output=True, text=True, timeout=30)
     assert answer.stdout == "415"
+
+
+def test_answers_larger_than_the_flow_control_window_arrive_whole(server):
+    """256 embeddings of 64 floats (with protobuf framing, more than HTTP/2's initial 65,535-byte
+    window): the answer is sent as the client grants window, trailers after the last byte."""
+    texts = [f"sentence number {i} about merging branches" for i in range(256)]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = tasks_grpc.TasksStub(channel).Embed(tasks_pb.EmbedRequest(model="emb", texts=texts), timeout=60)
+    assert reply.ByteSize() > 65_535
+    assert len(reply.embeddings) == 256 and {len(v.values) for v in reply.embeddings} == {64}
 
 
 @pytest.fixture
