@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 import re
 import struct
@@ -26,9 +27,9 @@ from typing import Any
 from urllib.parse import quote
 
 import grpc
+import zttp
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
-import zttp
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
@@ -81,18 +82,42 @@ def parse_timeout(value: str) -> float:
     return int(match[1]) * _TIMEOUT_UNITS[match[2]]
 
 
-def call_metadata(headers: dict[str, str]) -> tuple[tuple[str, str | bytes], ...]:
+def call_metadata(headers: dict[str, str]) -> Metadata:
     """The call's custom metadata from its HTTP/2 headers; ``-bin`` values arrive base64-encoded."""
     out: list[tuple[str, str | bytes]] = []
     for key, value in headers.items():
         if key in _NOT_METADATA or key.startswith((":", "grpc-")):
             continue
-        out.append((key, base64.b64decode(value + "=" * (-len(value) % 4)) if key.endswith("-bin") else value))
+        if key.endswith("-bin"):
+            try:
+                out.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
+            except binascii.Error:
+                raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"metadata {key}: not base64") from None
+        else:
+            out.append((key, value))
     return tuple(out)
 
 
 def frame(payload: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+def message_length(prefix: bytes | bytearray, max_bytes: int) -> int:
+    """The length a 5-byte message prefix announces; compressed or oversized messages are refused."""
+    if prefix[0]:
+        raise CallError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity")
+    length: int = struct.unpack(">I", prefix[1:5])[0]
+    if length > max_bytes:
+        raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"request message of {length} bytes exceeds the {max_bytes}-byte limit")
+    return length
+
+
+def one_message(body: bytes | bytearray, max_bytes: int) -> bytes:
+    """The single message of a unary call's request body."""
+    if len(body) < 5 or len(body) != 5 + message_length(body, max_bytes):
+        raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
+    return bytes(body[5:])
 
 
 class MessageReader:
@@ -120,12 +145,7 @@ class MessageReader:
             if self.buffer:
                 raise CallError(grpc.StatusCode.INTERNAL, "request ends inside a message prefix")
             return None
-        compressed, length = self.buffer[0], struct.unpack(">I", self.buffer[1:5])[0]
-        if compressed:
-            raise CallError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity")
-        if length > self.max_bytes:
-            raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"request message of {length} bytes exceeds the {self.max_bytes}-byte limit")
+        length = message_length(self.buffer, self.max_bytes)
         if not await self._fill(5 + length):
             raise CallError(grpc.StatusCode.INTERNAL, "request ends inside a message")
         payload = bytes(self.buffer[5:5 + length])
@@ -134,8 +154,9 @@ class MessageReader:
 
 
 class GrpcFront:
-    """ASGI app for the public gRPC port: ``methods`` answered here, everything else relayed to
-    ``relay_target`` (the grpc.aio server)."""
+    """The public gRPC port's calls: ``answer`` runs the unary ``methods`` that GrpcH2Protocol
+    takes; as an ASGI app it relays every other call to ``relay_target`` (the grpc.aio server)
+    and answers non-gRPC requests with 415."""
 
     def __init__(self, methods: dict[str, tuple[Handler, type[Message]]], relay_target: str,
                  max_message_bytes: int) -> None:
@@ -243,21 +264,6 @@ class GrpcFront:
         await send({"type": "http.response.trailers", "headers": trailers(code, details)})
 
 
-def one_message(body: bytes | bytearray, max_bytes: int) -> bytes:
-    """The single message of a unary call's request body."""
-    if len(body) < 5:
-        raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
-    compressed, length = body[0], struct.unpack(">I", body[1:5])[0]
-    if compressed:
-        raise CallError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity")
-    if length > max_bytes:
-        raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"request message of {length} bytes exceeds the {max_bytes}-byte limit")
-    if len(body) != 5 + length:
-        raise CallError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
-    return bytes(body[5:])
-
-
 def trailers(code: grpc.StatusCode, details: str) -> list[tuple[bytes, bytes]]:
     out = [(b"grpc-status", str(code.value[0]).encode())]
     if details:  # percent-encoded, as PROTOCOL-HTTP2.md asks
@@ -329,10 +335,9 @@ class GrpcH2Protocol(ZttpH2Protocol):
             return False  # the ASGI path answers 415
         try:
             timeout = parse_timeout(fields["grpc-timeout"]) if "grpc-timeout" in fields else None
+            self.calls[event.stream_id] = UnaryCall(method, call_metadata(fields), timeout)
         except CallError as exc:
             self.respond(event.stream_id, None, exc.code, exc.details)
-            return True
-        self.calls[event.stream_id] = UnaryCall(method, call_metadata(fields), timeout)
         return True
 
     def call_event(self, call: UnaryCall, event: Any) -> None:

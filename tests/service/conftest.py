@@ -4,11 +4,75 @@ are shared fixtures in tests/conftest.py and tests/servers.py)."""
 from __future__ import annotations
 
 import json
+import shutil
+import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from tokenizers import Tokenizer
+
+from service.repository import MODEL_CONFIG_FILE
+
+
+@pytest.fixture
+def private_repo(repo: Path, tmp_path: Path) -> Path:
+    """A copy of the shared repository that a test may change (configs, new versions)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    return copy
+
+
+def set_queue_size(repo: Path, model: str, size: int) -> None:
+    """Shrink a model's batch queue so that a few clients overload it."""
+    path = repo / model / MODEL_CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["batching"]["max_queue_size"] = size
+    path.write_text(json.dumps(config))
+
+
+class ClosedLoop:
+    """``clients`` threads, each with its own client (``connect``), calling ``call`` until stopped
+    and counting what each call returned (a status code, or an exception's name)."""
+
+    def __init__(self, clients: int) -> None:
+        self.codes: Counter[Any] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def call(self, client: Any) -> tuple[Any, str]:
+        """One call: (its outcome, the model version that answered or "")."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        client = self.connect()
+        try:
+            while not self.stopping.is_set():
+                code, version = self.call(client)
+                with self.lock:
+                    self.codes[code] += 1
+                    if version:
+                        self.versions[version] += 1
+        finally:
+            client.close()
+
+    def __enter__(self) -> ClosedLoop:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
 
 
 def assert_same_rows(served: np.ndarray, direct: np.ndarray) -> None:

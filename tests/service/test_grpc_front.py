@@ -4,14 +4,12 @@ refused compression and non-gRPC requests."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,8 +21,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
 from service.api.grpc_gen import sampserve_pb2_grpc as tasks_grpc
 from service.api.grpc_front import CallError, GrpcH2Protocol, MessageReader, frame, one_message, parse_timeout
-from service.repository import MODEL_CONFIG_FILE
 from tests.servers import start_server
+
+from .conftest import ClosedLoop, set_queue_size
 
 
 def _request(text: str = "commit your changes before merging") -> pb.ModelInferRequest:
@@ -32,34 +31,22 @@ def _request(text: str = "commit your changes before merging") -> pb.ModelInferR
         name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[text.encode()]))])
 
 
-class GrpcLoad:
-    """``clients`` threads calling ModelInfer on one channel until stopped; counts status codes."""
+class GrpcLoad(ClosedLoop):
+    """gRPC clients on threads, each with its own channel, counting status codes."""
 
     def __init__(self, target: str, clients: int) -> None:
-        self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self.codes: Counter = Counter()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        super().__init__(clients)
+        self.target = target
 
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.stub.ModelInfer(_request(), timeout=30)
-                self.codes["OK"] += 1
-            except grpc.RpcError as exc:
-                self.codes[exc.code().name] += 1
+    def connect(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
 
-    def __enter__(self) -> GrpcLoad:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-        self.channel.close()
+    def call(self, channel: grpc.Channel) -> tuple[str, str]:
+        try:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code().name, ""
+        return "OK", reply.model_version
 
 
 # ---------------------------------------------------------------- framing
@@ -173,18 +160,8 @@ def test_answers_larger_than_the_flow_control_window_arrive_whole(server):
     assert len(reply.embeddings) == 256 and {len(v.values) for v in reply.embeddings} == {64}
 
 
-@pytest.fixture
-def private_repo(repo: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "repo"
-    shutil.copytree(repo, copy)
-    return copy
-
-
 def test_grpc_overload_gets_resource_exhausted_and_loses_no_accepted_call(private_repo):
-    config_path = private_repo / "emb" / MODEL_CONFIG_FILE
-    config = json.loads(config_path.read_text())
-    config["batching"]["max_queue_size"] = 6
-    config_path.write_text(json.dumps(config))
+    set_queue_size(private_repo, "emb", 6)
     server = start_server(private_repo)
     try:
         with GrpcLoad(server.grpc_target, clients=16) as load:

@@ -5,63 +5,38 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
 
-from service.repository import MODEL_CONFIG_FILE, publish
+from service.repository import publish
 
 from tests.servers import start_server
+
+from .conftest import ClosedLoop, set_queue_size
 
 BODY = {"model": "emb", "input": ["the database system is shutting down", "cannot lock ref"]}
 
 
-class Load:
-    """Closed-loop clients on threads, each with its own connection, counting status codes."""
+class Load(ClosedLoop):
+    """REST clients on threads, each with its own connection, counting status codes."""
 
     def __init__(self, url: str, clients: int, body: dict = BODY) -> None:
+        super().__init__(clients)
         self.url, self.body = url, body
-        self.codes: Counter[int | str] = Counter()
-        self.versions: Counter[str] = Counter()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self.stop.is_set():
-                try:
-                    response = client.post("/v2/models/emb/infer", json={"inputs": [
-                        {"name": "text", "shape": [2], "datatype": "BYTES", "data": self.body["input"]}]})
-                    code: int | str = response.status_code
-                    version = response.json().get("model_version", "") if code == 200 else ""
-                except httpx.TransportError as exc:  # not accepted: connection refused or closed
-                    code, version = type(exc).__name__, ""
-                with self.lock:
-                    self.codes[code] += 1
-                    if version:
-                        self.versions[version] += 1
+    def connect(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
 
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-
-@pytest.fixture
-def private_repo(repo: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "repo"
-    shutil.copytree(repo, copy)
-    return copy
+    def call(self, client: httpx.Client) -> tuple[int | str, str]:
+        try:
+            response = client.post("/v2/models/emb/infer", json={"inputs": [
+                {"name": "text", "shape": [2], "datatype": "BYTES", "data": self.body["input"]}]})
+        except httpx.TransportError as exc:  # not accepted: connection refused or closed
+            return type(exc).__name__, ""
+        version = response.json().get("model_version", "") if response.status_code == 200 else ""
+        return response.status_code, version
 
 
 def _publish_copy_of(repo: Path, model: str, version: int) -> Path:
@@ -124,10 +99,7 @@ def test_new_version_under_load_swaps_with_zero_failures_and_a_corrupt_one_never
 
 
 def test_overload_gets_fast_429_and_loses_no_accepted_request(private_repo):
-    config_path = private_repo / "emb" / MODEL_CONFIG_FILE
-    config = json.loads(config_path.read_text())
-    config["batching"]["max_queue_size"] = 6
-    config_path.write_text(json.dumps(config))
+    set_queue_size(private_repo, "emb", 6)
     server = start_server(private_repo)
     try:
         with Load(server.url, clients=16) as load:
