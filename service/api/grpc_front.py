@@ -292,36 +292,47 @@ class GrpcH2Protocol(ZttpH2Protocol):
     else (relayed calls, non-gRPC requests) goes through uvicorn's ASGI path to ``front``.
 
     Retirement: zttp closes a connection (GOAWAY ENHANCE_YOUR_CALM) once 4096 streams have been
-    opened on it, a guard against rapid-reset floods, and the calls then in flight fail. gRPC
-    channels keep one connection for their lifetime, so after ``max_streams`` streams this protocol
-    sends a graceful GOAWAY (NO_ERROR, every stream so far accepted) and keeps serving: the client
-    finishes its calls, opens a new connection for the next ones, and closes this one. nginx does
-    the same for HTTP/2 (``keepalive_requests``, 1000 by default).
+    opened on it or its peer has reset 256, guards against rapid-reset floods, and the calls then in
+    flight fail. gRPC channels keep one connection for their lifetime (and a client whose deadlines
+    expire resets a stream each time), so after ``max_streams`` streams or ``max_resets`` resets this
+    protocol sends a graceful GOAWAY (NO_ERROR, every stream so far accepted) and keeps serving: the
+    client finishes its calls, opens a new connection for the next ones, and closes this one.
+    nginx does the same for HTTP/2 (``keepalive_requests``, 1000 by default).
     """
 
     max_streams = 2000
+    max_resets = 128
     front: GrpcFront  # bound by GrpcFront.protocol()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.opened = 0
+        self.opened = self.resets = 0
+        self.retired = False
         self.calls: dict[int, UnaryCall] = {}
         self.close_when_idle = False
 
     def handle_events(self) -> None:
         for event in self.events():
+            if isinstance(event, zttp.Request):
+                self.opened += 1
+                if self.opened >= self.max_streams:
+                    self.retire()
+            elif isinstance(event, zttp.RstStream):
+                self.resets += 1
+                if self.resets >= self.max_resets:
+                    self.retire()
             call = self.calls.get(getattr(event, "stream_id", 0))
             if call is not None:
                 self.call_event(call, event)
-                continue
-            if isinstance(event, zttp.Request):
-                self.opened += 1
-                if self.opened == self.max_streams:
-                    self.conn.close(0, 2**31 - 1)
-                    self.flush()
-                if self.start_call(event):
-                    continue
-            self.asgi_event(event)
+            elif not (isinstance(event, zttp.Request) and self.start_call(event)):
+                self.asgi_event(event)
+
+    def retire(self) -> None:
+        """Graceful GOAWAY: no stream refused, the client opens its next ones elsewhere."""
+        if not self.retired:
+            self.retired = True
+            self.conn.close(0, 2**31 - 1)
+            self.flush()
 
     def start_call(self, event: Any) -> bool:
         """Take the request if it is a unary call the front answers itself."""

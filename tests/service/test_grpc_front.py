@@ -126,6 +126,33 @@ def test_one_channel_outlives_the_per_connection_stream_cap(server):
     assert counts == {"OK": calls // 32 * 32}, counts
 
 
+def test_a_client_that_cancels_many_calls_keeps_its_channel(server):
+    """Each cancelled call resets its stream. zttp drops a connection after 256 peer resets; the
+    front retires it gracefully before that, so the calls running beside the cancelled ones on the
+    same channel never fail."""
+    failures: Counter = Counter()
+    stopping = threading.Event()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def steady() -> None:
+            while not stopping.is_set():
+                try:
+                    stub.ModelInfer(_request(), timeout=30)
+                except grpc.RpcError as exc:
+                    failures[exc.code().name] += 1
+
+        threads = [threading.Thread(target=steady) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        cancelled = sum(stub.ModelInfer.future(_request(), timeout=30).cancel() for _ in range(3 * 256))
+        stopping.set()
+        for thread in threads:
+            thread.join()
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    assert cancelled > 2 * 256 and not failures, (cancelled, failures)
+
+
 def test_relayed_stream_refused_compression_and_non_grpc_requests(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
