@@ -186,7 +186,7 @@ def main() -> None:
     rows: list[tuple[str, int, dict]] = []
 
     rate, batch, sessions = ceiling(repo / "fp32" / "1", texts, args.threads, sorted({1, args.instances}))
-    paired: tuple[float, float, float] | None = None
+    paired: list[tuple[float, dict, float]] = []
     console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch}, {sessions} "
                   f"session(s) of {args.threads} threads)")
 
@@ -210,14 +210,12 @@ def main() -> None:
                     continue
                 if client == "aiohttp" and http_client() == "aiohttp":
                     continue  # the first row already is
-                pair = label == "sampserve REST, FP32" and clients == max(args.clients)
-                if pair:  # the ceiling again, right before and after: this machine drifts by minutes
-                    before = ceiling(repo / "fp32" / "1", texts, args.threads, [sessions], [batch])[0]
-                result = load(target, model, clients, args.seconds, sentence_file, protocol, client)
-                if pair:
-                    after = ceiling(repo / "fp32" / "1", texts, args.threads, [sessions], [batch])[0]
-                    paired = (before, after, result["rps"])
-                    console.print(f"ceiling before / after: {before:.0f} / {after:.0f} sentences/s")
+                if label == "sampserve REST, FP32" and clients == max(args.clients):
+                    paired = ceiling_pairs(repo / "fp32" / "1", texts, (sessions, batch), target, clients, args,
+                                           sentence_file)
+                    result = paired[0][1]
+                else:
+                    result = load(target, model, clients, args.seconds, sentence_file, protocol, client)
                 rows.append((label, clients, result))
                 console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
                               f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
@@ -233,6 +231,21 @@ def main() -> None:
     write_section(markdown(rows, (rate, batch, sessions), paired, args) + pairs_markdown(pairs, max(args.clients)),
                   args.out, MARKS)
     console.print(f"wrote {args.out}")
+
+
+def ceiling_pairs(model_dir: Path, texts: list[str], best: tuple[int, int], url: str, clients: int,
+                  args: argparse.Namespace, sentence_file: Path) -> list[tuple[float, dict, float]]:
+    """The ceiling's best configuration and the server's REST point, alternately, ``args.pairs``
+    times: (ceiling before, the load's result, ceiling after) each. This machine drifts by +-10%
+    over minutes, so a ratio of two runs minutes apart says little; alternating ones do."""
+    sessions, batch = best
+    measured = [ceiling(model_dir, texts, args.threads, [sessions], [batch])[0]]
+    results = []
+    for _ in range(args.pairs):
+        results.append(load(url, "fp32", clients, args.seconds, sentence_file))
+        measured.append(ceiling(model_dir, texts, args.threads, [sessions], [batch])[0])
+        console.print(f"ceiling {measured[-2]:.0f} / REST {results[-1]['rps']:.1f} / ceiling {measured[-1]:.0f}")
+    return [(measured[i], results[i], measured[i + 1]) for i in range(len(results))]
 
 
 def transport_pairs(url: str, grpc_target: str, clients: int, args: argparse.Namespace,
@@ -282,11 +295,12 @@ def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path)
 
 
 def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int],
-             paired: tuple[float, float, float] | None, args: argparse.Namespace) -> str:
+             paired: list[tuple[float, dict, float]], args: argparse.Namespace) -> str:
     rate, batch, sessions = best
     # the first ceiling is the best of several noisy runs, so it errs high; the same configuration
     # measured right before and after the 64-client point is the fairer reference when there is one
-    reference = (paired[0] + paired[1]) / 2 if paired is not None else rate
+    ceilings = [paired[0][0], *(after for _, _, after in paired)] if paired else [rate]
+    reference = sum(ceilings) / len(ceilings)
     lines = ["## Serving: sampserve vs MLServer and the in-process ceiling", "",
              f"`python bench/serve.py` ({args.seconds:.0f} s per point, {machine()}, CPU only; onnxruntime "
              f"{args.threads} threads per instance, sampserve with {args.instances} instances per model; one real "
@@ -302,13 +316,15 @@ def markdown(rows: list[tuple[str, int, dict]], best: tuple[float, int, int],
         errors = {k: v for k, v in r["codes"].items() if k not in ("200", "OK")}
         lines.append(f"| {label} | {clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['rps'] / reference:.0%} | {errors or '-'} |")
-    if paired is not None:
-        before, after, rps = paired
-        lines += ["", f"Paired: the ceiling's best configuration measured again right before and after the "
-                  f"{max(args.clients)}-client `sampserve REST, FP32` point gave {before:.0f} and {after:.0f} "
-                  f"sentences/s; that point reached **{rps / reference:.0%}** of their mean, the reference of the "
-                  f"column above ({rps / rate:.0%} of the first ceiling, the best of six runs minutes earlier, which "
-                  "errs high on this machine's ±10% drift)."]
+    if paired:
+        ratios = [r["rps"] / ((before + after) / 2) for before, r, after in paired]
+        listed = ", ".join(f"{before:.0f} / {r['rps']:.1f} / {after:.0f}" for before, r, after in paired)
+        lines += ["", f"Paired: the ceiling's best configuration and the {max(args.clients)}-client `sampserve REST, "
+                  f"FP32` point, alternately (ceiling / server req/s / ceiling): {listed}. The server reached "
+                  f"**{sum(ratios) / len(ratios):.0%}** of the ceiling around it on average (each "
+                  f"{min(ratios):.0%}-{max(ratios):.0%}); the column above divides by the mean of those ceilings "
+                  f"({reference:.0f}/s; the table's row is the first run). The first ceiling, the best of six "
+                  "runs minutes earlier, errs high on this machine's ±10% drift."]
     return "\n".join(lines) + "\n"
 
 
