@@ -22,7 +22,7 @@ import binascii
 import logging
 import re
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import quote
 
@@ -80,6 +80,11 @@ def parse_timeout(value: str) -> float:
     if match is None:
         raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed grpc-timeout {value!r}")
     return int(match[1]) * _TIMEOUT_UNITS[match[2]]
+
+
+def header_fields(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Lower-case header names and values as text (HTTP/2 header names are lower-case)."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
 
 
 def call_metadata(headers: dict[str, str]) -> Metadata:
@@ -160,8 +165,8 @@ class GrpcFront:
 
     def __init__(self, methods: dict[str, tuple[Handler, type[Message]]], relay_target: str,
                  max_message_bytes: int) -> None:
-        self.methods, self.relay_target, self.max_message_bytes = methods, relay_target, max_message_bytes
-        self.by_path = {path.encode(): method for path, method in methods.items()}
+        self.relay_target, self.max_message_bytes = relay_target, max_message_bytes
+        self.by_path = {path.encode(): method for path, method in methods.items()}  # as HTTP/2 delivers paths
         self._channel: grpc.aio.Channel | None = None
 
     def protocol(self) -> type[GrpcH2Protocol]:
@@ -199,7 +204,7 @@ class GrpcFront:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = header_fields(scope["headers"])
         if scope["method"] != "POST" or not headers.get("content-type", "").startswith("application/grpc"):
             # PROTOCOL-HTTP2.md: a request that is not gRPC gets HTTP 415
             await send({"type": "http.response.start", "status": 415, "headers": [(b"content-type", b"text/plain")]})
@@ -286,7 +291,7 @@ class UnaryCall:
 class GrpcH2Protocol(ZttpH2Protocol):
     """uvicorn's HTTP/2 connection with two additions for gRPC.
 
-    Unary calls to ``front.methods`` are answered by the protocol itself, without ASGI: no scope,
+    Unary calls to the front's methods are answered by the protocol itself, without ASGI: no scope,
     no request/response cycle, headers + message + trailers in one write, and a stream reset
     cancels its call directly (its inputs leave the batch queue, as with grpc.aio). Everything
     else (relayed calls, non-gRPC requests) goes through uvicorn's ASGI path to ``front``.
@@ -341,7 +346,7 @@ class GrpcH2Protocol(ZttpH2Protocol):
             return False
         headers = event.headers.to_list(lowercase_names=True) if isinstance(event.headers, zttp.HeaderBlock) \
             else [(name.lower(), value) for name, value in event.headers]
-        fields = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        fields = header_fields(headers)
         if not fields.get("content-type", "").startswith("application/grpc"):
             return False  # the ASGI path answers 415
         try:
