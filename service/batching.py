@@ -1,6 +1,6 @@
 """Dynamic batching in front of one model version: length-aware, never idle-waiting, bounded.
 
-Why this shape (FACTS.md, measured on this 2-core CPU): padding a random batch of 32 sentences to
+Why this shape (measured on a 2-core CPU, docs/design.md): padding a random batch of 32 sentences to
 its longest runs 2.2x the real tokens and makes naive batching slower than batch 1, while batches
 of similar lengths are the fastest; and a batcher that waits for a fuller batch while the runtime
 is idle adds its whole delay at low load. So:
@@ -13,9 +13,8 @@ is idle adds its whole delay at low load. So:
   or ``max_batch_tokens`` (rows x longest, i.e. padding counted) would be exceeded, taking only
   inputs that keep the computed tokens within ``max_padding_ratio`` of the real ones.
 - There is no timer: with one runner, the time a batch waits for company is exactly the time the
-  previous batch runs, which is what an adaptive ``max_queue_delay`` approximates. (The
-  repository's ``max_queue_delay_ms`` is kept for configs written for other servers; this policy
-  waits 0 ms when idle.)
+  previous batch runs, which is what an adaptive ``max_queue_delay`` approximates; when a runtime
+  is idle a request waits 0 ms (so the repository has no queue-delay setting).
 - A full queue refuses at once (``QueueFull`` -> 429 / RESOURCE_EXHAUSTED). Requests whose caller
   has gone or whose deadline passed are dropped before a batch is formed. When a batch fails,
   every request in it gets the error and the batcher keeps serving.

@@ -1,21 +1,43 @@
-"""The one core both transports call: validate, tokenize, batch, run, post-process.
+"""The one core both transports call: the protocol's contract, limits, tokenization, batching.
 
-REST and gRPC handlers convert their messages to these calls and map ``ServiceError``s to status
-codes by one table each (``service.errors``); they hold no task logic of their own.
+REST and gRPC convert their messages into these calls (tensors arrive as ``TensorInput``, whose
+elements are decoded only after their count has been checked) and map the one error type,
+``ServiceError``, to a status by one table each (``service.errors``). Metadata, readiness, v2 tensor
+validation, output naming and request metrics live here, once; the transports hold no task logic.
+
+Limits are checked before work: texts per request (below the model's queue size), characters per
+text (before tokenizing; ``truncate`` cuts characters first, so a huge text is never tokenized
+whole), and large tokenizations run on threads, off the event loop that answers health probes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
 from service.errors import DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
-from service.heads import ClassificationHead, MatchingHead
+from service.heads import ClassificationHead, Encoded, MatchingHead
+from service.instances import RuntimeHung
+from service.metrics import Metrics
 from service.models import LoadedVersion, ModelManager
+from service.request_context import current_request
 from service.settings import Settings
+
+PLATFORM = "onnxruntime_onnx"
+OUTPUT_NAMES = {"matching": "embeddings", "classification": "logits"}
+INPUT_NAMES = ("text", "text_pair")
+MAX_DIMS = 8
+TOKENIZE_INLINE_CHARS = 4096
+"""Requests with more characters than this are tokenized on a thread: ~1 ms of work inline at most."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,36 +48,140 @@ class Result:
     tokens: int
     head: MatchingHead | ClassificationHead  # of the version that ran (versions can swap meanwhile)
 
+    @property
+    def output_name(self) -> str:
+        return OUTPUT_NAMES[self.head.task]
+
+
+@dataclass
+class TensorInput:
+    """A v2 input tensor as a transport received it. Its elements are decoded only once its declared
+    shape has passed the limits, so a message of a million elements costs nothing to refuse."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    decode: Callable[[int], list[Any]]
+    """The elements, given how many the shape declares: InvalidInput if the data holds another number
+    (found without decoding past that number) or a malformed element."""
+
+
+@dataclass
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
 
 class DataPlane:
-    def __init__(self, models: ModelManager, settings: Settings) -> None:
+    def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics) -> None:
         self.models = models
         self.settings = settings
+        self.metrics = metrics
+        self.draining = False
+        self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
-    def check_texts(self, texts: list[str], field: str) -> None:
-        if not texts:
+    # -- health, readiness, metadata -----------------------------------------------------------
+
+    def live(self) -> tuple[bool, str]:
+        """False while a model version is wedged (runtime calls stuck): restart the process."""
+        wedged = self.models.wedged()
+        return (False, f"runtime calls stuck in {', '.join(wedged)}") if wedged else (True, "")
+
+    def ready(self) -> bool:
+        return not self.draining and self.models.ready()
+
+    def model_ready(self, name: str, version: str | None) -> tuple[bool, str]:
+        return self.models.readiness(name, version)
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        loaded = self.models.get(name, version)
+        state = self.models.models[name]
+        return ModelMetadata(
+            name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
+            inputs=[TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES],
+            outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
+            parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
+                        "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
+                        "failed_versions": {str(k): f.reason for k, f in state.failed.items()}})
+
+    # -- request accounting ------------------------------------------------------------------
+
+    async def _measured(self, endpoint: str, model: str, version: str | None,
+                        work: Callable[[], Awaitable[tuple[Result, T]]]) -> tuple[Result, T]:
+        """Run one request, counting its outcome and latency under the served labels only."""
+        start = time.perf_counter()
+        context = current_request()
+        context.model, context.version = model, version or ""
+        try:
+            result, answer = await work()
+        except ServiceError as exc:
+            self.metrics.observe_request(model, version, endpoint, exc.code.value, start)
+            raise
+        context.version = str(result.version)
+        self.metrics.observe_request(model, result.version, endpoint, "ok", start)
+        return result, answer
+
+    # -- limits ------------------------------------------------------------------------------
+
+    def _check_count(self, count: int, field: str, loaded: LoadedVersion) -> None:
+        if count == 0:
             raise InvalidInput(f"{field}: give at least one text")
-        if len(texts) > self.settings.max_texts_per_request:
-            limit = self.settings.max_texts_per_request
-            raise InvalidInput(f"{field}: {len(texts)} texts; at most {limit} per request")
+        if count > loaded.max_texts:
+            raise InvalidInput(f"{field}: {count} texts; at most {loaded.max_texts} per request for model "
+                               f"{loaded.name!r} (SAMPSERVE_MAX_TEXTS_PER_REQUEST, and half the model's queue)")
+
+    def _check_texts(self, texts: list[Any], field: str, truncate: bool) -> list[str]:
+        limit = self.settings.max_text_chars
+        out = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InvalidInput(f"{field}[{index}] must be a string")
+            if len(text) > limit:
+                if not truncate:
+                    raise InvalidInput(f"{field}[{index}] is {len(text)} characters; at most {limit} "
+                                       "(SAMPSERVE_MAX_TEXT_CHARS). Shorten it or set truncate=true")
+                text = text[:limit]
+            out.append(text)
+        return out
 
-    def head_of(self, loaded: LoadedVersion, task: str) -> MatchingHead | ClassificationHead:
-        if loaded.config.task != task:
-            raise InvalidInput(f"model {loaded.name!r} is a {loaded.config.task} model, not {task}")
-        return loaded.head  # type: ignore[return-value]
+    async def _encode(self, loaded: LoadedVersion, texts: list[str], pairs: list[str] | None, truncate: bool,
+                      field: str) -> list[Encoded]:
+        if truncate:  # cut characters first: the tokens kept come from the start of the text anyway
+            cut = loaded.head.max_length * 64
+            texts = [t[:cut] for t in texts]
+            pairs = [t[:cut] for t in pairs] if pairs is not None else None
+        size = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs is not None else 0)
+        if size <= TOKENIZE_INLINE_CHARS:
+            return loaded.head.encode(texts, pairs, truncate, field)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizers, loaded.head.encode, texts, pairs, truncate, field)
 
-    async def forward(self, model: str, version: str | int | None, texts: list[str], pairs: list[str] | None = None,
-                      truncate: bool = False, field: str = "texts", task: str | None = None) -> Result:
+    # -- the forward pass --------------------------------------------------------------------
+
+    async def forward(self, model: str, version: str | int | None, texts: list[Any],
+                      pairs: list[Any] | None = None, truncate: bool = False, field: str = "texts",
+                      task: str | None = None) -> Result:
         """Texts -> the model's raw output rows (embeddings or logits), batched with other requests."""
-        self.check_texts(texts, field)
         loaded = self.models.get(model, version)
-        if task is not None:
-            self.head_of(loaded, task)
-        items = loaded.head.encode(texts, pairs, truncate, field)
+        if task is not None and loaded.config.task != task:
+            raise InvalidInput(f"model {model!r} is a {loaded.config.task} model, not {task}")
+        self._check_count(len(texts), field, loaded)
+        texts = self._check_texts(texts, field, truncate)
+        if pairs is not None:
+            pairs = self._check_texts(pairs, f"{field} pairs", truncate)
         try:
+            items = await self._encode(loaded, texts, pairs, truncate, field)
             try:
                 values = await loaded.run(items, self.settings.request_timeout_s)
             except BatcherClosed:
@@ -63,41 +189,103 @@ class DataPlane:
                     raise
                 # the version was swapped out between lookup and queueing: run on its successor
                 loaded = self.models.get(model, None)
-                values = await loaded.run(loaded.head.encode(texts, pairs, truncate, field),
-                                          self.settings.request_timeout_s)
+                items = await self._encode(loaded, texts, pairs, truncate, field)
+                values = await loaded.run(items, self.settings.request_timeout_s)
         except QueueFull as exc:
             raise Overloaded(f"model {model!r}: {exc}") from None
         except DeadlineExceeded as exc:
             raise DeadlinePassed(f"model {model!r}: {exc}") from None
+        except RuntimeHung as exc:
+            raise DeadlinePassed(f"model {model!r}: {exc}") from None
         except (ServiceError, asyncio.CancelledError):
             raise
+        except UnicodeError:  # a lone surrogate that got past the parser: the client's text, not our fault
+            raise InvalidInput(f"{field}: texts must be valid Unicode (no lone surrogates)") from None
         except Exception as exc:
             raise ModelFailure(f"model {model!r} failed: {type(exc).__name__}: {exc}") from None
         return Result(model, loaded.version, values, sum(item.length for item in items), loaded.head)  # type: ignore[arg-type]
 
-    async def embed(self, model: str, texts: list[str], truncate: bool = False, field: str = "input") -> Result:
-        result = await self.forward(model, None, texts, None, truncate, field, task="matching")
-        result.values = result.head.normalize(result.values)  # type: ignore[union-attr]
-        return result
+    # -- the Open Inference Protocol's infer ---------------------------------------------------
 
-    async def similarity(self, model: str, pairs: list[list[str]], truncate: bool = False
-                         ) -> tuple[Result, list[float]]:
-        for index, pair in enumerate(pairs):
-            if not isinstance(pair, list | tuple) or len(pair) != 2:
-                raise InvalidInput(f"pairs[{index}] must be two texts")
-        flat = [p[0] for p in pairs] + [p[1] for p in pairs]
-        result = await self.forward(model, None, flat, None, truncate, "pairs", task="matching")
-        n = len(pairs)
-        scores = result.head.similarity(result.values[:n], result.values[n:])  # type: ignore[union-attr]
-        return result, [float(s) for s in scores]
+    async def infer(self, model: str, version: str | None, inputs: list[TensorInput], truncate: bool) -> Result:
+        """A v2 infer call: its input tensors validated against the contract, then run."""
 
-    async def rerank(self, model: str, query: str, documents: list[str], truncate: bool = False
+        async def work() -> tuple[Result, None]:
+            loaded = self.models.get(model, version)
+            texts, pairs = self._text_tensors(inputs, loaded)
+            return await self.forward(model, version, texts, pairs, truncate, "inputs.text"), None
+
+        return (await self._measured("infer", model, version, work))[0]
+
+    def _text_tensors(self, inputs: list[TensorInput], loaded: LoadedVersion) -> tuple[list[Any], list[Any] | None]:
+        if not inputs:
+            raise InvalidInput("inputs: give a BYTES tensor named 'text'")
+        values: dict[str, list[Any]] = {}
+        for tensor in inputs:
+            where = f"inputs.{tensor.name[:64]}"
+            if tensor.name not in INPUT_NAMES:
+                raise InvalidInput(f"inputs: unknown tensor {tensor.name[:64]!r}; this model takes 'text' "
+                                   "(and 'text_pair')")
+            if tensor.name in values:
+                raise InvalidInput(f"{where}: given twice")
+            if tensor.datatype != "BYTES":
+                raise InvalidInput(f"{where}: datatype must be BYTES, got {tensor.datatype[:32]}")
+            if not tensor.shape or len(tensor.shape) > MAX_DIMS or any(d < 0 for d in tensor.shape):
+                raise InvalidInput(f"{where}: shape {list(tensor.shape)[:MAX_DIMS + 1]} must have 1 to {MAX_DIMS} "
+                                   "non-negative dimensions, e.g. [n] or [n, 1]")
+            declared = math.prod(tensor.shape)
+            self._check_count(declared, where, loaded)
+            values[tensor.name] = tensor.decode(declared)
+        if "text" not in values:
+            raise InvalidInput("inputs: the BYTES tensor 'text' is missing")
+        pairs = values.get("text_pair")
+        if pairs is not None and len(pairs) != len(values["text"]):
+            raise InvalidInput("inputs: 'text_pair' must have as many elements as 'text'")
+        return values["text"], pairs
+
+    # -- task endpoints ------------------------------------------------------------------------
+
+    async def embed(self, model: str, texts: list[Any], truncate: bool = False, field: str = "input") -> Result:
+        async def work() -> tuple[Result, None]:
+            result = await self.forward(model, None, texts, None, truncate, field, task="matching")
+            result.values = result.head.normalize(result.values)  # type: ignore[union-attr]
+            return result, None
+
+        return (await self._measured("embeddings", model, None, work))[0]
+
+    async def similarity(self, model: str, pairs: list[Any], truncate: bool = False) -> tuple[Result, list[float]]:
+        async def work() -> tuple[Result, list[float]]:
+            for index, pair in enumerate(pairs[: self.settings.max_texts_per_request + 1]):
+                if not isinstance(pair, list | tuple) or len(pair) != 2:
+                    raise InvalidInput(f"pairs[{index}] must be two texts")
+            flat = [p[0] for p in pairs] + [p[1] for p in pairs]
+            result = await self.forward(model, None, flat, None, truncate, "pairs", task="matching")
+            n = len(pairs)
+            scores = result.head.similarity(result.values[:n], result.values[n:])  # type: ignore[union-attr]
+            return result, [float(s) for s in scores]
+
+        return await self._measured("similarity", model, None, work)
+
+    async def rerank(self, model: str, query: Any, documents: list[Any], truncate: bool = False
                      ) -> tuple[Result, list[tuple[int, float]]]:
-        self.check_texts(documents, "documents")
-        result = await self.forward(model, None, [query, *documents], None, truncate, "documents", task="matching")
-        return result, result.head.rerank(result.values[0], result.values[1:])  # type: ignore[union-attr]
+        async def work() -> tuple[Result, list[tuple[int, float]]]:
+            if not documents:
+                raise InvalidInput("documents: give at least one text")
+            result = await self.forward(model, None, [query, *documents], None, truncate, "documents",
+                                        task="matching")
+            return result, result.head.rerank(result.values[0], result.values[1:])  # type: ignore[union-attr]
 
-    async def classify(self, model: str, texts: list[str], pairs: list[str] | None, top_k: int,
+        return await self._measured("rerank", model, None, work)
+
+    async def classify(self, model: str, texts: list[Any], pairs: list[Any] | None, top_k: int,
                        truncate: bool = False) -> tuple[Result, list[list[tuple[str, float]]]]:
-        result = await self.forward(model, None, texts, pairs, truncate, "texts", task="classification")
-        return result, result.head.top_k(result.values, top_k)  # type: ignore[union-attr]
+        async def work() -> tuple[Result, list[list[tuple[str, float]]]]:
+            if pairs is not None and len(pairs) != len(texts):
+                raise InvalidInput(f"text_pairs: {len(pairs)} pair texts for {len(texts)} texts")
+            result = await self.forward(model, None, texts, pairs, truncate, "texts", task="classification")
+            return result, result.head.top_k(result.values, top_k)  # type: ignore[union-attr]
+
+        return await self._measured("classify", model, None, work)
+
+    def close(self) -> None:
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)

@@ -15,6 +15,8 @@ class Code(Enum):
     DEADLINE = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
+    REQUEST_TIMEOUT = "request_timeout"
 
 
 class ServiceError(Exception):
@@ -51,6 +53,18 @@ class NotReady(ServiceError):
     code = Code.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    """No or a wrong API key; the message never repeats what the client sent."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class BodyTimeout(ServiceError):
+    """The request body did not arrive in time (a slow or stalled upload)."""
+
+    code = Code.REQUEST_TIMEOUT
+
+
 class ModelFailure(ServiceError):
     """The model itself failed: a 500, never blamed on the client."""
 
@@ -65,6 +79,8 @@ HTTP_STATUS: dict[Code, int] = {
     Code.DEADLINE: 504,
     Code.UNAVAILABLE: 503,
     Code.INTERNAL: 500,
+    Code.UNAUTHENTICATED: 401,
+    Code.REQUEST_TIMEOUT: 408,
 }
 
 GRPC_STATUS: dict[Code, grpc.StatusCode] = {
@@ -75,4 +91,12 @@ GRPC_STATUS: dict[Code, grpc.StatusCode] = {
     Code.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def shorten(value: str, limit: int = 64) -> str:
+    """A client-chosen string as error messages and logs may show it: bounded, printable."""
+    text = value if len(value) <= limit else f"{value[:limit]}...({len(value)} chars)"
+    return repr(text)

@@ -1,20 +1,28 @@
-"""Prometheus metrics, labelled by model and version. Names are stable once published."""
+"""Prometheus metrics, labelled by model and version. Names are stable once published.
+
+Label values never come from a client: a request naming a model or version that is not served is
+counted under the one fixed label ``UNKNOWN`` (a client sending random names would otherwise add a
+series per name, for good), and a version's series are removed when it is unloaded.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+UNKNOWN = "_unknown"
+"""The label of every model or version the server does not serve."""
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # RSS, CPU seconds, open file descriptors: what an attack grows
         labels = ("model", "version")
         self.requests = Counter("sampserve_requests_total", "Requests by endpoint and outcome.",
                                 ("model", "version", "endpoint", "outcome"), registry=r)
@@ -41,11 +49,54 @@ class Metrics:
                            registry=r)
         self.load_failures = Counter("sampserve_model_load_failures_total", "Versions that failed to load.",
                                      labels, registry=r)
+        self.hung_calls = Gauge("sampserve_runtime_hung_calls", "Runtime calls stuck past runtime_timeout_s.",
+                                labels, registry=r)
+        self.client_gone = Counter("sampserve_client_gone_total", "Requests whose client left before the answer.",
+                                   ("transport", "reason"), registry=r)
+        self.connections_refused = Counter("sampserve_connections_refused_total",
+                                           "Connections closed by a limit.", ("port", "reason"), registry=r)
+        self._served: dict[str, set[str]] = {}
 
-    def observe_request(self, model: str, version: int | str, endpoint: str, outcome: str, start: float) -> None:
+    # -- which labels exist ------------------------------------------------------------------
+
+    def model_known(self, model: str) -> None:
+        """A model configured in the repository (served or not): its name may be a label."""
+        self._served.setdefault(model, set())
+
+    def version_loaded(self, model: str, version: int) -> None:
+        self._served.setdefault(model, set()).add(str(version))
+        self.loaded.labels(model, str(version)).set(1)
+
+    def version_unloaded(self, model: str, version: int) -> None:
+        """Drop every series of an unloaded version, so a long-lived server does not keep them all."""
+        self._served.get(model, set()).discard(str(version))
+        for metric in (self.requests, self.latency, self.queue_time, self.compute_time, self.batch_size,
+                       self.queue_depth, self.queue_capacity, self.tokens, self.padded_tokens, self.dropped,
+                       self.loaded, self.load_failures, self.hung_calls):
+            metric.remove_by_labels({"model": model, "version": str(version)})
+
+    def model_forgotten(self, model: str) -> None:
+        """A model removed from the repository: its series go too."""
+        for version in list(self._served.pop(model, set())):
+            self.version_unloaded(model, int(version))
+        self.ready.remove_by_labels({"model": model})
+
+    def labels(self, model: str, version: int | str | None) -> tuple[str, str]:
+        """Label values for a request: the served names, or ``UNKNOWN``; never what the client invented."""
+        versions = self._served.get(model)
+        if versions is None:
+            return UNKNOWN, UNKNOWN if version not in (None, "") else ""
+        text = "" if version is None else str(version)
+        return model, text if text == "" or text in versions else UNKNOWN
+
+    # -- observations ------------------------------------------------------------------------
+
+    def observe_request(self, model: str, version: int | str | None, endpoint: str, outcome: str,
+                        start: float) -> None:
         """One answered request: its outcome counted, its latency since ``start`` (perf_counter) observed."""
-        self.requests.labels(model, str(version), endpoint, outcome).inc()
-        self.latency.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
+        name, number = self.labels(model, version)
+        self.requests.labels(name, number, endpoint, outcome).inc()
+        self.latency.labels(name, number, endpoint).observe(time.perf_counter() - start)
 
     def observer(self, model: str, version: int) -> BatchMetrics:
         return BatchMetrics(self, model, str(version))
@@ -75,4 +126,3 @@ class BatchMetrics:
 
     def dropped(self, reason: str) -> None:
         self.m.dropped.labels(self.model, self.version, reason).inc()
-

@@ -1,23 +1,28 @@
 """The served models: versions loaded from the repository, hot-swapped, each behind its batcher.
 
 A new version is loaded beside the old one (manifest checked, runtime built, warmed up) and only
-then becomes the one served; a version that fails any step is recorded and never replaces a good
-one. Versions the policy no longer selects are drained and unloaded.
+then becomes the one served; a version that fails any step is recorded, never replaces a good one,
+and is tried again with back-off. Versions the policy no longer selects are drained and unloaded.
+
+Every model folder is reported on its own: one whose config is invalid, whose task this server has
+no head for, or that has no loadable version yet is "not ready, because ..." (per-model readiness
+and metadata carry the reason) without taking the other models, or the server, out of rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from service.batching import Batcher, BatchPolicy, run_in_thread
-from service.errors import ModelNotFound, NotReady
+from service.batching import Batcher, BatchPolicy
+from service.errors import ModelNotFound, NotReady, shorten
 from service.heads import HEADS, Encoded, TextEncoder
+from service.instances import InstancePool, call_in_thread
 from service.metrics import Metrics
 from service.repository import (
     MODEL_CONFIG_FILE,
@@ -27,10 +32,11 @@ from service.repository import (
     load_model_config,
     verify,
 )
-from service.runtimes import RUNTIMES, Runtime
+from service.runtimes import RUNTIMES
 from service.settings import Settings
 
 log = logging.getLogger("sampserve")
+MAX_RETRY_S = 3600.0
 
 
 @dataclass
@@ -39,8 +45,10 @@ class LoadedVersion:
     version: int
     config: RepoModelConfig
     head: TextEncoder
-    runtimes: list[Runtime]
+    pool: InstancePool
     batcher: Batcher[Encoded, np.ndarray]
+    max_texts: int
+    """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
         """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
@@ -49,14 +57,38 @@ class LoadedVersion:
 
 
 @dataclass
+class Failure:
+    """A version that failed to load, and when it is tried again."""
+
+    reason: str
+    attempts: int
+    retry_at: float
+
+
+@dataclass
 class ModelState:
-    config: RepoModelConfig
+    config: RepoModelConfig | None
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, Failure] = field(default_factory=dict)
+    problem: str | None = None
+    """Why the model cannot be served at all (invalid config, a task without a head)."""
+    available: list[int] = field(default_factory=list)
 
     @property
     def latest(self) -> LoadedVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
+
+    def reason(self) -> str:
+        """Why the model has no ready version (empty when it has one)."""
+        if self.versions:
+            return ""
+        if self.problem:
+            return self.problem
+        if not self.available:
+            return "no version published yet"
+        if self.failed:
+            return "; ".join(f"version {v} failed to load: {f.reason}" for v, f in sorted(self.failed.items()))
+        return "loading"
 
 
 class ModelManager:
@@ -64,110 +96,179 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, ModelState] = {}
-        self.config_errors: dict[str, str] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._refreshing = asyncio.Lock()
 
     # -- lookup -----------------------------------------------------------------------------
 
-    def get(self, name: str, version: str | int | None = None) -> LoadedVersion:
+    def state(self, name: str) -> ModelState:
         state = self.models.get(name)
         if state is None:
-            raise ModelNotFound(f"model {name!r} is not in the repository; models: {sorted(self.models)}")
+            raise ModelNotFound(f"model {shorten(name)} is not in the repository; models: {sorted(self.models)}")
+        return state
+
+    def get(self, name: str, version: str | int | None = None) -> LoadedVersion:
+        """The version to run: the newest loaded one, or the one asked for."""
+        state = self.state(name)
         if version in (None, ""):
             if state.latest is None:
-                raise NotReady(f"model {name!r} has no ready version yet")
+                raise NotReady(f"model {name!r} is not ready: {state.reason()}")
             return state.latest
-        try:
-            number = int(version)  # type: ignore[arg-type]
-        except ValueError:
-            raise ModelNotFound(f"version {version!r} of model {name!r} is not a number") from None
+        number = _version_number(name, version)
         if number not in state.versions:
             raise ModelNotFound(f"version {number} of model {name!r} is not loaded; loaded: {sorted(state.versions)}")
         return state.versions[number]
 
+    def readiness(self, name: str, version: str | int | None = None) -> tuple[bool, str]:
+        """(ready, reason) of a model or one of its versions. Unknown models and versions raise
+        ModelNotFound (404): a version that was never published is not "not ready", it does not exist."""
+        state = self.state(name)
+        if version in (None, ""):
+            return bool(state.versions), state.reason()
+        number = _version_number(name, version)
+        if number in state.versions:
+            return True, ""
+        if number in state.failed:
+            return False, f"version {number} failed to load: {state.failed[number].reason}"
+        if number in state.available:
+            return False, f"version {number} is published but not selected by the version policy, or loading"
+        raise ModelNotFound(f"version {number} of model {name!r} does not exist; published: {state.available}")
+
     def ready(self) -> bool:
-        """Every configured model has a ready version."""
-        return bool(self.models) and all(s.versions for s in self.models.values()) and not self.config_errors
+        """Server readiness. Strict: every model folder has a ready version. Otherwise one is enough,
+        so a broken or not-yet-published model does not take every replica out of rotation."""
+        if not self.models:
+            return False
+        if self.settings.strict_readiness:
+            return all(s.versions for s in self.models.values())
+        return any(s.versions for s in self.models.values())
+
+    def wedged(self) -> list[str]:
+        """Versions with at least ``max_hung_calls`` runtime calls stuck: liveness turns false, so the
+        orchestrator restarts the process (a stuck thread cannot be killed from inside)."""
+        return [f"{loaded.name}/{loaded.version}" for state in self.models.values()
+                for loaded in state.versions.values() if loaded.pool.hung >= self.settings.max_hung_calls]
 
     # -- loading ----------------------------------------------------------------------------
 
     def _build(self, name: str, config: RepoModelConfig, version: int) -> LoadedVersion:
+        """Load, check and warm up one version (blocking: runs on a thread of its own)."""
         path = self.settings.repo / name / str(version)
         verify(path)
-        head_class = HEADS.get(config.task)
-        if head_class is None:
-            raise ValueError(f"task {config.task!r} is not served yet")
-        head = head_class(path)
+        head = HEADS[config.task](path)
+        if head.max_length > config.batching.max_batch_tokens:
+            raise ValueError(f"batching.max_batch_tokens={config.batching.max_batch_tokens} is below the model's "
+                             f"max_length={head.max_length}: one long input could never run; raise "
+                             f"max_batch_tokens in {self.settings.repo / name / MODEL_CONFIG_FILE}")
+        runtime_name = getattr(config, "runtime", "onnxruntime")
+        factory = RUNTIMES.get(runtime_name)
+        if factory is None:
+            raise ValueError(f"runtime {runtime_name!r} is not registered; runtimes: {sorted(RUNTIMES)}")
         count = config.batching.instances or self.settings.instances
-        runtimes = [RUNTIMES["onnxruntime"](path / ONNX_FILE, self.settings.threads, count == 1) for _ in range(count)]
-        idle: queue.SimpleQueue[Runtime] = queue.SimpleQueue()
+        hung = self.metrics.hung_calls.labels(name, str(version))
+        pool = InstancePool(lambda: factory(path / ONNX_FILE, self.settings.threads, count == 1), count,
+                            self.settings.runtime_timeout_s, f"{name}/{version}", on_hung=hung.set)
         warm_up = head.collate(head.encode(["warm up"], truncate=True))
-        for runtime in runtimes:
-            runtime.run(warm_up)  # one real forward pass each before the version may take traffic
-            idle.put(runtime)
+        pool.start(warm_up)  # one real forward pass each before the version may take traffic
         policy = BatchPolicy(max_batch_size=config.batching.max_batch_size,
                              max_batch_tokens=config.batching.max_batch_tokens,
                              max_queue_size=config.batching.max_queue_size)
         compute = self.metrics.compute_time.labels(name, str(version))
 
-        def run_batch(items: list[Encoded]) -> list[np.ndarray]:
-            runtime = idle.get_nowait()  # the batcher runs at most `count` batches at once
-            try:
-                start = time.perf_counter()
-                out = runtime.run(head.collate(items))
-                compute.observe(time.perf_counter() - start)
-            finally:
-                idle.put(runtime)
+        async def run_batch(items: list[Encoded]) -> list[np.ndarray]:
+            start = time.perf_counter()
+            out = await pool.run(head.collate(items), warm_up)
+            compute.observe(time.perf_counter() - start)
             return list(out)
 
-        batcher: Batcher[Encoded, np.ndarray] = Batcher(run_in_thread(run_batch), policy,
-                                                       self.metrics.observer(name, version), concurrency=count)
-        return LoadedVersion(name, version, config, head, runtimes, batcher)
+        batcher: Batcher[Encoded, np.ndarray] = Batcher(run_batch, policy, self.metrics.observer(name, version),
+                                                       concurrency=count)
+        max_texts = max(1, min(self.settings.max_texts_per_request, policy.max_queue_size // 2))
+        return LoadedVersion(name, version, config, head, pool, batcher, max_texts)
+
+    def _read_config(self, name: str) -> RepoModelConfig:
+        config = load_model_config(self.settings.repo / name)
+        if config.task not in HEADS:
+            raise ValueError(f"task {config.task!r} is not served by this server (tasks: {sorted(HEADS)})")
+        return config
 
     async def refresh(self) -> None:
         """Bring the served set in line with the repository: load new versions, drop removed ones."""
+        async with self._refreshing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         repo = self.settings.repo
-        names = sorted(p.name for p in repo.iterdir() if (p / MODEL_CONFIG_FILE).exists()) if repo.exists() else []
+        names = repository_names(repo)
+        for gone in [n for n in self.models if n not in names]:
+            await self._forget(gone)
         for name in names:
+            state = self.models.get(name)
             try:
-                config = load_model_config(repo / name)
+                config = self._read_config(name)
             except ValueError as exc:
-                if name not in self.models:
-                    self.config_errors[name] = str(exc)
-                log.error("model %s: %s", name, exc)
+                if state is None or state.problem != str(exc):
+                    log.error("model %s not served: %s", name, exc)
+                if state is None:
+                    state = self.models[name] = ModelState(None)
+                    self.metrics.model_known(name)
+                state.problem = str(exc)  # a model already serving keeps its loaded versions
+                self.metrics.ready.labels(name).set(1 if state.versions else 0)
                 continue
-            self.config_errors.pop(name, None)
-            state = self.models.setdefault(name, ModelState(config))
-            available = list_versions(repo / name)
+            if state is None:
+                state = self.models[name] = ModelState(config)
+                self.metrics.model_known(name)
+            state.config, state.problem = config, None
+            state.available = list_versions(repo / name)
+            now = time.monotonic()
+            for version in [v for v in state.failed if v not in state.available]:
+                del state.failed[version]
             while True:  # until every wanted version is loaded; failures drop out of the choice
-                wanted = config.version_policy.select([v for v in available if v not in state.failed])
-                missing = [v for v in wanted if v not in state.versions]
+                blocked = [v for v, f in state.failed.items() if f.retry_at > now]
+                wanted = config.version_policy.select([v for v in state.available if v not in blocked])
+                missing = [v for v in wanted if v not in state.versions and v not in blocked]
                 if not missing:
                     break
                 for version in missing:
                     await self._load(name, config, version, state)
+                now = time.monotonic()
             for version in [v for v in state.versions if v not in wanted]:
-                old = state.versions.pop(version)
-                self.metrics.loaded.labels(name, str(version)).set(0)
-                await old.batcher.close(drain=True)
-                log.info("model %s version %d unloaded", name, version)
+                await self._unload(state, version)
+            if not state.versions and not state.available:
+                log.warning("model %s not ready: no version published yet in %s", name, repo / name)
             self.metrics.ready.labels(name).set(1 if state.versions else 0)
-        for name in self.config_errors:
-            if name not in self.models:
-                self.metrics.ready.labels(name).set(0)
 
     async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:
         try:
-            loaded = await asyncio.to_thread(self._build, name, config, version)
-        except Exception as exc:  # a bad version never replaces a good one
-            state.failed[version] = f"{type(exc).__name__}: {exc}"
+            loaded = await asyncio.wrap_future(call_in_thread(self._build, name, config, version))
+        except Exception as exc:  # a bad version never replaces a good one; tried again later
+            previous = state.failed.get(version)
+            attempts = previous.attempts + 1 if previous else 1
+            wait = min(MAX_RETRY_S, self.settings.retry_failed_s * 2 ** (attempts - 1))
+            state.failed[version] = Failure(f"{type(exc).__name__}: {exc}", attempts, time.monotonic() + wait)
             self.metrics.load_failures.labels(name, str(version)).inc()
-            log.error("model %s version %d failed to load: %s", name, version, exc)
+            log.error("model %s version %d failed to load (attempt %d, next in %.0fs): %s", name, version,
+                      attempts, wait, exc)
             return
+        state.failed.pop(version, None)
         state.versions[version] = loaded
-        self.metrics.loaded.labels(name, str(version)).set(1)
+        self.metrics.version_loaded(name, version)
         self.metrics.queue_capacity.labels(name, str(version)).set(loaded.batcher.policy.max_queue_size)
-        log.info("model %s version %d loaded", name, version)
+        log.info("model %s version %d loaded (%d instances)", name, version, loaded.pool.instances)
+
+    async def _unload(self, state: ModelState, version: int) -> None:
+        old = state.versions.pop(version)
+        await old.batcher.close(drain=True)
+        old.pool.close()
+        self.metrics.version_unloaded(old.name, version)
+        log.info("model %s version %d unloaded", old.name, version)
+
+    async def _forget(self, name: str) -> None:
+        state = self.models.pop(name)
+        for version in list(state.versions):
+            await self._unload(state, version)
+        self.metrics.model_forgotten(name)
+        log.info("model %s removed from the repository", name)
 
     async def start_polling(self) -> None:
         async def poll() -> None:
@@ -186,4 +287,16 @@ class ModelManager:
         for state in self.models.values():
             for loaded in state.versions.values():
                 await loaded.batcher.close(drain=True)
+                loaded.pool.close()
 
+
+def _version_number(name: str, version: str | int) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        raise ModelNotFound(f"version {shorten(str(version))} of model {name!r} is not a number") from None
+
+
+def repository_names(repo: Path) -> list[str]:
+    """The model folders of a repository (those with a config.json)."""
+    return sorted(p.name for p in repo.iterdir() if (p / MODEL_CONFIG_FILE).exists()) if repo.is_dir() else []

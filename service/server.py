@@ -1,73 +1,124 @@
-"""The server process: load the repository, serve REST, poll for versions, drain on SIGTERM.
+"""The server process: load the repository, serve REST and gRPC, poll for versions, drain on SIGTERM.
 
-SIGTERM (or Ctrl-C) flips readiness to false first, so load balancers stop sending; the HTTP
-server stops accepting and lets in-flight requests finish within ``drain_grace_s``; then every
-model's queue is drained and the process exits 0.
+SIGTERM (or Ctrl-C) flips readiness to false first, so load balancers stop sending; both servers
+stop accepting (gRPC sends GOAWAY) and let in-flight requests finish within ``drain_grace_s``; then
+every model's queue is drained and the process exits 0. A watchdog bounds all of it: if the
+process is still there ``drain_grace_s + 5`` seconds after the signal (a runtime call stuck in a
+native library, say), it exits with status 3 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import os
+import resource
 import signal
+import ssl
+import threading
+from typing import Any
 
 import uvicorn
+from prometheus_client import make_asgi_app
 
-from service.api.grpc import INFERENCE_SERVICE, TASKS_SERVICE, GrpcServer
-from service.api.grpc_front import GrpcFront, unary_methods
+from service.api.connections import guarded_protocol
+from service.api.gate import Gate
+from service.api.grpc import GrpcServer
 from service.api.rest import create_app
 from service.api.v2_infer import InferDoor
 from service.dataplane import DataPlane
+from service.logs import configure
 from service.metrics import Metrics
 from service.models import ModelManager
 from service.net import bind
 from service.settings import Settings
 
 log = logging.getLogger("sampserve")
-GRPC_IDLE_S = 300  # gRPC channels keep their connection; close it only after this long idle
+WATCHDOG_MARGIN_S = 5.0
+
+
+def raise_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit: each connection is a descriptor, and the soft default
+    (often 1024) would make a few thousand idle clients fail accept() with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _uvicorn_config(app: Any, settings: Settings, metrics: Metrics, port_name: str) -> uvicorn.Config:
+    def refused(reason: str) -> None:
+        metrics.connections_refused.labels(port_name, reason).inc()
+
+    tls: dict[str, Any] = {}
+    if settings.tls:
+        tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+        if settings.tls_client_ca_file is not None:
+            tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return uvicorn.Config(
+        app, http=guarded_protocol(settings.header_timeout_s, settings.max_connections, refused),
+        log_level="warning", access_log=False, timeout_keep_alive=max(1, round(settings.idle_timeout_s)),
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, limit_concurrency=None, lifespan="off",
+        server_header=False, **tls)
+
+
+def _start_watchdog(bound_s: float) -> None:
+    def expire() -> None:
+        log.error("drain did not finish within %.0fs; exiting now", bound_s)
+        logging.shutdown()
+        os._exit(3)
+
+    timer = threading.Timer(bound_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 async def serve(settings: Settings) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(settings.log_format)
     if not settings.repo.is_dir():  # a typo'd path would otherwise serve nothing, never ready, silently
         log.error("model repository %s is not a directory (build one with `sampserve up` or `sampserve "
                   "quantize`, or pass --repo / SAMPSERVE_REPO)", settings.repo)
         return 2
+    try:
+        api_key = settings.resolved_api_key()
+    except (OSError, ValueError) as exc:
+        log.error("API key: %s", exc)
+        return 2
+    for module in settings.plugins:
+        importlib.import_module(module)  # e.g. registers a runtime in service.runtimes.RUNTIMES
+    raise_file_limit()
     metrics = Metrics()
     models = ModelManager(settings, metrics)
     await models.refresh()
-    for name, error in models.config_errors.items():
-        log.error("model %s not served: %s", name, error)
     await models.start_polling()
-    dataplane = DataPlane(models, settings)
-    app = create_app(models, dataplane, metrics)
-    # grpc.aio on a private loopback port; the public gRPC port is the front (why: service.api.grpc_front)
-    grpc_server = GrpcServer(models, dataplane, metrics, "127.0.0.1", 0, settings.max_body_bytes)
-    await grpc_server.start()
-    front = GrpcFront({**unary_methods(grpc_server.inference, INFERENCE_SERVICE),
-                       **unary_methods(grpc_server.tasks, TASKS_SERVICE)},
-                      f"127.0.0.1:{grpc_server.port}", settings.max_body_bytes)
-    sock = bind(settings.host, settings.http_port)
-    grpc_sock = bind(settings.host, settings.grpc_port)
-    grace = int(settings.drain_grace_s) or None
+    dataplane = DataPlane(models, settings, metrics)
+    app = create_app(dataplane, metrics, serve_metrics=settings.metrics_port is None, docs=settings.docs)
     # v2 infer goes straight to its handler, the rest through FastAPI (why: service.api.v2_infer)
-    server = uvicorn.Server(uvicorn.Config(InferDoor(app, dataplane, metrics), log_level="warning",
-                                           timeout_graceful_shutdown=grace, limit_concurrency=None, access_log=False))
-    grpc_front = uvicorn.Server(uvicorn.Config(
-        front, http=front.protocol(), lifespan="off", log_level="warning", access_log=False, proxy_headers=False,
-        timeout_graceful_shutdown=grace, timeout_keep_alive=GRPC_IDLE_S, server_header=False, date_header=False))
-    for each in (server, grpc_front):
-        each.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
+    edge = Gate(InferDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, api_key,
+                settings.access_log)
+    grpc_server = GrpcServer(dataplane, metrics, settings, api_key)
+    await grpc_server.start()
+    sock = bind(settings.host, settings.http_port)
+    servers = [(uvicorn.Server(_uvicorn_config(edge, settings, metrics, "http")), sock)]
+    if settings.metrics_port is not None:
+        metrics_sock = bind(settings.host, settings.metrics_port)
+        servers.append((uvicorn.Server(_uvicorn_config(make_asgi_app(metrics.registry), settings, metrics,
+                                                       "metrics")), metrics_sock))
+    for server, _ in servers:
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
 
     def stop() -> None:
-        app.state.draining = True  # readiness goes false before anything else
-        grpc_server.inference.draining = True
-        server.should_exit = True
-        grpc_front.should_exit = True
+        if dataplane.draining:
+            return
+        dataplane.draining = True  # readiness goes false before anything else
+        _start_watchdog(settings.drain_grace_s + WATCHDOG_MARGIN_S)
+        for server, _ in servers:
+            server.should_exit = True
 
     async def sync_health() -> None:
         while True:
-            await grpc_server.set_serving(models.ready() and not app.state.draining)
+            await grpc_server.set_serving(dataplane.ready())
             await asyncio.sleep(min(settings.poll_interval_s, 1.0))
 
     loop = asyncio.get_running_loop()
@@ -75,15 +126,25 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop)
     host, port = sock.getsockname()[:2]
     health_task = loop.create_task(sync_health())
-    print(f"sampserve: REST on http://{host}:{port} gRPC on {host}:{grpc_sock.getsockname()[1]} "
+    scheme = "https" if settings.tls else "http"
+    extra = f" metrics on {scheme}://{host}:{servers[1][1].getsockname()[1]}/metrics" if len(servers) > 1 else ""
+    print(f"sampserve: REST on {scheme}://{host}:{port} gRPC on {host}:{grpc_server.port}{extra} "
           f"(models: {', '.join(sorted(models.models)) or 'none'})", flush=True)
-    await asyncio.gather(server.serve(sockets=[sock]), grpc_front.serve(sockets=[grpc_sock]))
+    drained = loop.create_task(_drain_grpc_on_stop(dataplane, grpc_server, settings.drain_grace_s))
+    await asyncio.gather(*(server.serve(sockets=[s]) for server, s in servers))
+    await drained
     health_task.cancel()
-    await front.close()
-    await grpc_server.drain(settings.drain_grace_s)
     await models.close()
+    dataplane.close()
     log.info("drained; bye")
     return 0
+
+
+async def _drain_grpc_on_stop(dataplane: DataPlane, grpc_server: GrpcServer, grace_s: float) -> None:
+    """gRPC stops accepting (GOAWAY) as soon as the signal comes, beside the REST port's shutdown."""
+    while not dataplane.draining:
+        await asyncio.sleep(0.05)
+    await grpc_server.drain(grace_s)
 
 
 def run(settings: Settings) -> int:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +17,23 @@ SERVE = (sys.executable, "-m", "sampserve.cli", "serve")
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, url: str, grpc_target: str) -> None:
+    def __init__(self, process: subprocess.Popen, url: str, grpc_target: str, lines: list[str]) -> None:
         self.process, self.url, self.grpc_target = process, url, grpc_target
         self.http = httpx.Client(base_url=url, timeout=30)
+        self.lines = lines
+        # keep reading the server's output (access log lines): a full pipe would block the server
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:  # type: ignore[union-attr]
+            self.lines.append(line)
+
+    def output(self) -> str:
+        """Everything the server printed so far (all of it once it has exited)."""
+        if self.process.poll() is not None:
+            self._reader.join(timeout=10)
+        return "".join(self.lines)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, as an orchestrator stops it; the exit code once it has drained."""
@@ -51,7 +66,7 @@ def start_server(repo: Path, *extra: str, command: Sequence[str] = SERVE, env: d
     if url is None:
         process.kill()
         raise RuntimeError("server did not start:\n" + "".join(lines))
-    server = Server(process, url, grpc_target)
+    server = Server(process, url, grpc_target, lines)
     while time.monotonic() < deadline:
         if server.http.get("/v2/health/ready").status_code == 200:
             return server

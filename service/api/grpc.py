@@ -1,214 +1,224 @@
 """gRPC: the v2 ``inference.GRPCInferenceService``, our ``sampserve.v1.Tasks``, the standard health
-service and server reflection, on one ``grpc.aio`` server.
+service and server reflection, on one ``grpc.aio`` server on the public port.
 
-Thin, like the REST layer: convert messages, call the data plane, map ``ServiceError`` codes
-through ``service.errors.GRPC_STATUS``.
+Thin, like the REST layer: servicers convert messages into data-plane calls; the one error type,
+``ServiceError``, is mapped to a status by ``service.errors.GRPC_STATUS`` in the interceptor
+(``service.api.grpc_edge``), which also carries the API key check, the request id and the access
+log. The wire is grpcio's (C core): keepalive enforcement, connection age and idle limits, stream
+and message caps, gzip, TLS and mTLS all come from its channel options (``server_options``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
-import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.grpc_edge import BadMessage, EdgeInterceptor
 from service.api.grpc_gen import grpc_predict_v2_pb2 as pb
-from service.api.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
-from service.api.grpc_gen import sampserve_pb2_grpc as tasks_grpc
-from service.dataplane import DataPlane
-from service.errors import GRPC_STATUS, InvalidInput, ServiceError
+from service.dataplane import DataPlane, TensorInput
+from service.errors import InvalidInput
 from service.metrics import Metrics
-from service.models import ModelManager
+from service.settings import Settings
 from service.tensors import decode_bytes_elements, utf8
 
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
-Response = TypeVar("Response")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 TASKS_SERVICE = tasks_pb.DESCRIPTOR.services_by_name["Tasks"]
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady", "ServerMetadata"})
+"""Methods an API key does not guard: the probes' (as on the REST port)."""
+MAX_SEND_BYTES = 64 * 1024 * 1024
 
 
-def _texts_of(request: pb.ModelInferRequest) -> tuple[list[str], list[str] | None]:
-    if not request.inputs:
-        raise InvalidInput("inputs: give a BYTES tensor named 'text'")
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+def _tensors(request: pb.ModelInferRequest) -> list[TensorInput]:
+    """The request's input tensors, each decoded only after the data plane has checked its shape."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
         raise InvalidInput("raw_input_contents must have one entry per input")
-    values: dict[str, list[str]] = {}
+    tensors = []
     for index, tensor in enumerate(request.inputs):
-        if tensor.name not in ("text", "text_pair"):
-            raise InvalidInput(f"inputs: unknown tensor {tensor.name!r}; this model takes 'text' (and 'text_pair')")
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(f"inputs.{tensor.name}: datatype must be BYTES, got {tensor.datatype}")
-        if not tensor.shape or any(d < 0 for d in tensor.shape):
-            raise InvalidInput(f"inputs.{tensor.name}: shape {list(tensor.shape)} must be non-negative")
-        if request.raw_input_contents:
-            texts = decode_bytes_elements(request.raw_input_contents[index], f"inputs.{tensor.name}")
+        where = f"inputs.{tensor.name[:64]}"
+        if raw:
+            def decode(limit: int, blob: bytes = raw[index], where: str = where) -> list[Any]:
+                return decode_bytes_elements(blob, where, limit)
         else:
-            elements = tensor.contents.bytes_contents
-            texts = [utf8(v, f"inputs.{tensor.name}: element {i}") for i, v in enumerate(elements)]
-        count = int(np.prod(list(tensor.shape)))
-        if count != len(texts):
-            raise InvalidInput(f"inputs.{tensor.name}: shape {list(tensor.shape)} holds {count} elements, "
-                               f"data has {len(texts)}")
-        values[tensor.name] = texts
-    if "text" not in values:
-        raise InvalidInput("inputs: the BYTES tensor 'text' is missing")
-    pairs = values.get("text_pair")
-    if pairs is not None and len(pairs) != len(values["text"]):
-        raise InvalidInput("inputs: 'text_pair' must have as many elements as 'text'")
-    return values["text"], pairs
+            def decode(limit: int, elements: Any = tensor.contents.bytes_contents, where: str = where) -> list[Any]:
+                if len(elements) != limit:
+                    raise InvalidInput(f"{where}: the shape declares {limit} elements, the data holds {len(elements)}")
+                return [utf8(v, f"{where}: element {i}") for i, v in enumerate(elements)]
+        tensors.append(TensorInput(tensor.name, tensor.datatype, list(tensor.shape), decode))
+    return tensors
 
 
-class _Base:
-    def __init__(self, models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> None:
-        self.models, self.dataplane, self.metrics = models, dataplane, metrics
+class InferenceServicer:
+    """The Open Inference Protocol's gRPC service over the data plane."""
 
-    async def _call(self, context: grpc.aio.ServicerContext, model: str, endpoint: str,
-                    work: Callable[[], Awaitable[tuple[Any, Response]]]) -> Response:
-        start = time.perf_counter()
-        try:
-            version, response = await work()
-        except ServiceError as exc:
-            self.metrics.observe_request(model, "", endpoint, exc.code.value, start)
-            await context.abort(GRPC_STATUS[exc.code], exc.message)
-            raise  # abort raises; this line is for the type checker
-        self.metrics.observe_request(model, version, endpoint, "ok", start)
-        return response
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live()[0])
 
-class InferenceServicer(_Base, pb_grpc.GRPCInferenceServiceServicer):
-    draining = False
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
-    async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None)[0])
 
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.models.ready() and not self.draining)
-
-    async def ModelReady(self, request, context):
-        try:
-            self.models.get(request.name, request.version or None)
-        except ServiceError as exc:
-            if request.name not in self.models.models:
-                await context.abort(GRPC_STATUS[exc.code], exc.message)
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
-
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
 
-    async def ModelMetadata(self, request, context):
-        try:
-            loaded = self.models.get(request.name, request.version or None)
-        except ServiceError as exc:
-            await context.abort(GRPC_STATUS[exc.code], exc.message)
-            raise
-        output = "embeddings" if loaded.config.task == "matching" else "logits"
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        meta = self.dataplane.model_metadata(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=request.name, versions=[str(v) for v in sorted(self.models.models[request.name].versions)],
-            platform="onnxruntime_onnx",
-            inputs=[tensor(name="text", datatype="BYTES", shape=[-1]),
-                    tensor(name="text_pair", datatype="BYTES", shape=[-1])],
-            outputs=[tensor(name=output, datatype="FP32", shape=[-1, -1])])
+            name=meta.name, versions=meta.versions, platform=meta.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs])
 
-    async def ModelInfer(self, request, context):
-        async def work():
-            texts, pairs = _texts_of(request)
-            truncate = request.parameters["truncate"].bool_param if "truncate" in request.parameters else False
-            result = await self.dataplane.forward(request.model_name, request.model_version or None, texts, pairs,
-                                                  truncate)
-            values = result.values.astype("<f4")
-            name = "embeddings" if result.head.task == "matching" else "logits"
-            return result.version, pb.ModelInferResponse(
-                model_name=request.model_name, model_version=str(result.version), id=request.id,
-                outputs=[pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32",
-                                                                 shape=list(values.shape))],
-                raw_output_contents=[values.tobytes()])
-
-        return await self._call(context, request.model_name, "infer", work)
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        truncate = request.parameters["truncate"].bool_param if "truncate" in request.parameters else False
+        result = await self.dataplane.infer(request.model_name, request.model_version or None, _tensors(request),
+                                            truncate)
+        values = result.values.astype("<f4")
+        return pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(result.version), id=request.id,
+            outputs=[pb.ModelInferResponse.InferOutputTensor(name=result.output_name, datatype="FP32",
+                                                             shape=list(values.shape))],
+            raw_output_contents=[values.tobytes()])
 
 
-class TasksServicer(_Base, tasks_grpc.TasksServicer):
-    async def Embed(self, request, context):
-        async def work():
-            result = await self.dataplane.embed(request.model, list(request.texts), request.truncate, "texts")
-            return result.version, tasks_pb.EmbedResponse(
-                model=request.model, version=result.version, tokens=result.tokens,
-                embeddings=[tasks_pb.Vector(values=row.tolist()) for row in result.values])
+class TasksServicer:
+    """Our task API (embeddings, classification, similarity, rerank) over the data plane."""
 
-        return await self._call(context, request.model, "embeddings", work)
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
-    async def Classify(self, request, context):
-        async def work():
-            pairs = list(request.text_pairs) or None
-            result, ranked = await self.dataplane.classify(request.model, list(request.texts), pairs,
-                                                           request.top_k or 1, request.truncate)
-            return result.version, tasks_pb.ClassifyResponse(
-                model=request.model, version=result.version,
-                results=[tasks_pb.Classification(top_k=[tasks_pb.LabelScore(label=lab, score=s) for lab, s in top])
-                         for top in ranked])
+    async def Embed(self, request: tasks_pb.EmbedRequest, context: Any) -> tasks_pb.EmbedResponse:
+        result = await self.dataplane.embed(request.model, list(request.texts), request.truncate, "texts")
+        return tasks_pb.EmbedResponse(model=request.model, version=result.version, tokens=result.tokens,
+                                      embeddings=[tasks_pb.Vector(values=row.tolist()) for row in result.values])
 
-        return await self._call(context, request.model, "classify", work)
+    async def Classify(self, request: tasks_pb.ClassifyRequest, context: Any) -> tasks_pb.ClassifyResponse:
+        result, ranked = await self.dataplane.classify(request.model, list(request.texts),
+                                                       list(request.text_pairs) or None, request.top_k or 1,
+                                                       request.truncate)
+        return tasks_pb.ClassifyResponse(model=request.model, version=result.version, results=[
+            tasks_pb.Classification(top_k=[tasks_pb.LabelScore(label=lab, score=s) for lab, s in top])
+            for top in ranked])
 
-    async def Similarity(self, request, context):
-        async def work():
-            pairs = [[p.a, p.b] for p in request.pairs]
-            result, scores = await self.dataplane.similarity(request.model, pairs, request.truncate)
-            return result.version, tasks_pb.SimilarityResponse(model=request.model, version=result.version,
-                                                               scores=scores)
+    async def Similarity(self, request: tasks_pb.SimilarityRequest, context: Any) -> tasks_pb.SimilarityResponse:
+        pairs = [[p.a, p.b] for p in request.pairs]
+        result, scores = await self.dataplane.similarity(request.model, pairs, request.truncate)
+        return tasks_pb.SimilarityResponse(model=request.model, version=result.version, scores=scores)
 
-        return await self._call(context, request.model, "similarity", work)
+    async def Rerank(self, request: tasks_pb.RerankRequest, context: Any) -> tasks_pb.RerankResponse:
+        result, ranked = await self.dataplane.rerank(request.model, request.query, list(request.documents),
+                                                     request.truncate)
+        ranked = ranked[: request.top_n] if request.top_n else ranked
+        return tasks_pb.RerankResponse(model=request.model, version=result.version,
+                                       results=[tasks_pb.RankedDocument(index=i, score=s) for i, s in ranked])
 
-    async def Rerank(self, request, context):
-        async def work():
-            result, ranked = await self.dataplane.rerank(request.model, request.query, list(request.documents),
-                                                         request.truncate)
-            ranked = ranked[: request.top_n] if request.top_n else ranked
-            return result.version, tasks_pb.RerankResponse(
-                model=request.model, version=result.version,
-                results=[tasks_pb.RankedDocument(index=i, score=s) for i, s in ranked])
 
-        return await self._call(context, request.model, "rerank", work)
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that hands a malformed message (e.g. invalid UTF-8 in a string field) to the
+    interceptor as ``BadMessage``, which answers INVALID_ARGUMENT; grpcio itself would say INTERNAL."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return BadMessage(str(exc))
+
+    return deserialize
+
+
+def _handlers(servicer: Any, service: Any, messages: Any) -> grpc.GenericRpcHandler:
+    """The unary handlers of ``service`` (a descriptor), calling ``servicer``'s methods by name."""
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(messages, method.input_type.name)
+        response_class = getattr(messages, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=_tolerant(request_class.FromString),
+            response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """grpcio's own defences, set from the settings (docs/design.md says why each value)."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    return [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.grpc_max_connection_age_grace_s)),
+        ("grpc.server_handshake_timeout_ms", ms(settings.grpc_handshake_timeout_s)),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # keepalive enforcement: clients may ping (also between calls), but not more often than this;
+        # after max_ping_strikes pings too soon the connection gets GOAWAY(too_many_pings)
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.grpc_keepalive_min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # the server pings idle connections to find dead peers
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # flow-control windows stay at 64 KiB per stream: a client holding unfinished streams open
+        # pins at most that much each (BDP probing would grow them towards megabytes)
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class GrpcServer:
-    """The aio server with every service registered; ``port`` is the bound one."""
+    """The aio server with every service registered, on ``settings.host``; ``port`` is the bound one."""
 
-    def __init__(self, models: ModelManager, dataplane: DataPlane, metrics: Metrics, host: str, port: int,
-                 max_message_bytes: int) -> None:
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        self.server = grpc.aio.server(options=options)
-        self.inference = InferenceServicer(models, dataplane, metrics)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self.server)
-        self.tasks = TasksServicer(models, dataplane, metrics)
-        tasks_grpc.add_TasksServicer_to_server(self.tasks, self.server)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, settings: Settings, api_key: bytes | None) -> None:
+        protected = {INFERENCE_SERVICE.full_name, TASKS_SERVICE.full_name}
+        edge = EdgeInterceptor(metrics, api_key, protected, OPEN_METHODS, settings.access_log)
+        self.server = grpc.aio.server(interceptors=[edge], options=server_options(settings))
+        self.inference = InferenceServicer(dataplane)
+        self.tasks = TasksServicer(dataplane)
+        self.server.add_generic_rpc_handlers((_handlers(self.inference, INFERENCE_SERVICE, pb),
+                                              _handlers(self.tasks, TASKS_SERVICE, tasks_pb)))
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (INFERENCE_SERVICE.full_name, TASKS_SERVICE.full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        self.models = models
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        address = f"{host}:{settings.grpc_port}"
+        if settings.tls:
+            assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+            ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                root_certificates=ca, require_client_auth=ca is not None)
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"gRPC could not bind {address}")
+        self.dataplane = dataplane
 
     async def start(self) -> None:
         await self.server.start()
-        await self.set_serving(self.models.ready())
+        await self.set_serving(self.dataplane.ready())
 
     async def set_serving(self, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", "inference.GRPCInferenceService", "sampserve.v1.Tasks"):
-            result = self.health.set(service, status)
-            if result is not None:
-                await result
+        for service in ("", INFERENCE_SERVICE.full_name, TASKS_SERVICE.full_name):
+            await self.health.set(service, status)
 
     async def drain(self, grace_s: float) -> None:
-        self.inference.draining = True
+        """Refuse new calls, send GOAWAY, give calls in flight ``grace_s`` to finish."""
         await self.set_serving(False)
         await self.server.stop(grace_s)

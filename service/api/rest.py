@@ -1,15 +1,16 @@
 """REST: the Open Inference Protocol (KServe v2) plus task endpoints people call by hand.
 
-Thin: each route validates its body (pydantic), calls the data plane, and maps errors through
-``service.errors.HTTP_STATUS``. Errors are JSON: ``{"error": "..."}`` on the v2 routes as the
+Thin: each route parses its body (orjson, then a pydantic schema), calls the data plane, and maps
+its errors through ``service.api.http_errors``. Limits, access and request ids are the gate's
+(``service.api.gate``), in front of every route. Errors are JSON: ``{"error": "..."}`` on the v2 routes as the
 protocol says, and OpenAI's ``{"error": {"message", "type", "code"}}`` on the /v1 routes.
 """
 
 from __future__ import annotations
 
 import base64
-import time
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -17,13 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from service.api.v2_infer import InferResponse, StrictBody, answer_infer, error_reply
+from service.api.http_errors import error_body
+from service.api.v2_infer import InferRequest, InferResponse, StrictBody, answer_infer
 from service.dataplane import DataPlane
-from service.errors import HTTP_STATUS, InvalidInput, ServiceError
+from service.errors import InvalidInput, ServiceError
 from service.metrics import Metrics
-from service.models import ModelManager
 
 SERVER_NAME = "sampserve"
 SERVER_VERSION = "0.1.0"
@@ -72,45 +73,61 @@ class RerankRequest(StrictBody):
 
 # ---------------------------------------------------------------- helpers
 
+Body = TypeVar("Body", bound=StrictBody)
 
-def _error(exc: ServiceError, openai_style: bool) -> Response:
-    if openai_style:
-        status = HTTP_STATUS[exc.code]
-        return JSONResponse({"error": {"message": exc.message, "type": exc.code.value, "code": status}}, status)
-    reply = error_reply(exc)  # the v2 shape, as the infer door writes it
-    return Response(reply.body, reply.status, media_type=reply.content_type)
+
+async def parse_body(request: Request, schema: type[Body]) -> Body:
+    """The JSON body through orjson (lone surrogates and nesting past 1024 levels are a 400, where
+    the standard library would accept the first and overflow the stack on the second), then the schema."""
+    try:
+        payload = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"{where}: {first['msg']}" if where else str(first["msg"])) from None
+
+
+def documented(schema: type[StrictBody]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses its body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
 # ---------------------------------------------------------------- the app
 
 
-def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> FastAPI:
+def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = True, docs: bool = True) -> FastAPI:
+    models = dataplane.models
     app = FastAPI(title="sampserve", version=SERVER_VERSION, default_response_class=FastJSONResponse,
-                  description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.")
-    app.state.draining = False
+                  description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.",
+                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        return _error(exc, request.url.path.startswith("/v1"))
+        status, body = error_body(exc, request.url.path)
+        return Response(body, status, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))),
-                      request.url.path.startswith("/v1"))
-
-    observe = metrics.observe_request
+        status, body = error_body(InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))),
+                                  request.url.path)
+        return Response(body, status, media_type="application/json")
 
     # -- health and metadata (v2) --
 
     @app.get("/v2/health/live")
-    async def live() -> dict:
-        return {"live": True}
+    async def live() -> JSONResponse:
+        ok, reason = dataplane.live()
+        return JSONResponse({"live": ok, **({"reason": reason} if reason else {})}, 200 if ok else 503)
 
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        ok = models.ready() and not app.state.draining
+        ok = dataplane.ready()
         return JSONResponse({"ready": ok}, 200 if ok else 503)
 
     @app.get("/v2")
@@ -120,40 +137,24 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> dict:
-        loaded = models.get(name, version)
-        state = models.models[name]
-        width = "embeddings" if loaded.config.task == "matching" else "logits"
-        return {
-            "name": name,
-            "versions": [str(v) for v in sorted(state.versions)],
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "text_pair", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": width, "datatype": "FP32", "shape": [-1, -1]}],
-            "parameters": {"task": loaded.config.task, "max_length": loaded.head.max_length,
-                           "instances": len(loaded.runtimes),
-                           "failed_versions": {str(k): v for k, v in state.failed.items()}},
-        }
+        return asdict(dataplane.model_metadata(name, version))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> JSONResponse:
-        try:
-            models.get(name, version)
-        except ServiceError as exc:
-            if exc.code.value == "not_found" and name not in models.models:
-                raise
-            return JSONResponse({"name": name, "ready": False}, 503)
-        return JSONResponse({"name": name, "ready": True}, 200)
+        ok, reason = dataplane.model_ready(name, version)
+        return JSONResponse({"name": name, "ready": ok, **({"reason": reason} if reason else {})},
+                            200 if ok else 503)
 
-    @app.post("/v2/models/{name}/infer", response_model=InferResponse)
-    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
+    @app.post("/v2/models/{name}/infer", response_model=InferResponse, openapi_extra=documented(InferRequest))
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse,
+              openapi_extra=documented(InferRequest))
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         """JSON, or the binary tensor extension (what tritonclient sends): a JSON header of
         ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes. (The server
         sends these requests to ``answer_infer`` before FastAPI; this route documents the call
         and serves the app where it runs without that door.)"""
-        reply = await answer_infer(dataplane, metrics, name, version, await request.body(),
+        reply = await answer_infer(dataplane, name, version, await request.body(),
                                    request.headers.get("inference-header-content-length"))
         return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
 
@@ -162,19 +163,17 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
     @app.get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "owned_by": SERVER_NAME, "task": state.config.task,
-             "versions": sorted(state.versions)} for name, state in sorted(models.models.items())]}
+            {"id": name, "object": "model", "owned_by": SERVER_NAME,
+             "task": state.config.task if state.config else None, "versions": sorted(state.versions),
+             **({"ready": False, "reason": state.reason()} if not state.versions else {"ready": True})}
+            for name, state in sorted(models.models.items())]}
 
-    @app.post("/v1/embeddings", response_model=dict)
-    async def embeddings(body: EmbeddingsRequest) -> Response:
-        start = time.perf_counter()
+    @app.post("/v1/embeddings", response_model=dict, openapi_extra=documented(EmbeddingsRequest))
+    async def embeddings(request: Request) -> Response:
+        body = await parse_body(request, EmbeddingsRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        try:
-            result = await dataplane.embed(body.model, texts, body.truncate)
-        except ServiceError as exc:
-            observe(body.model, "", "embeddings", exc.code.value, start)
-            raise
-        observe(body.model, result.version, "embeddings", "ok", start)
+        result = await dataplane.embed(body.model, texts, body.truncate)
+
         def encode(row: np.ndarray) -> np.ndarray | str:
             if body.encoding_format == "base64":  # what the openai client asks for by default
                 return base64.b64encode(row.astype("<f4").tobytes()).decode()
@@ -184,46 +183,31 @@ def create_app(models: ModelManager, dataplane: DataPlane, metrics: Metrics) -> 
             {"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(result.values)],
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}})
 
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest) -> dict:
-        start = time.perf_counter()
-        try:
-            result, ranked = await dataplane.classify(body.model, body.texts, body.text_pairs, body.top_k,
-                                                      body.truncate)
-        except ServiceError as exc:
-            observe(body.model, "", "classify", exc.code.value, start)
-            raise
-        observe(body.model, result.version, "classify", "ok", start)
+    @app.post("/v1/classify", openapi_extra=documented(ClassifyRequest))
+    async def classify(request: Request) -> dict:
+        body = await parse_body(request, ClassifyRequest)
+        result, ranked = await dataplane.classify(body.model, body.texts, body.text_pairs, body.top_k, body.truncate)
         return {"model": body.model, "version": result.version, "results": [
             {"label": top[0][0], "score": top[0][1], "top_k": [{"label": lab, "score": s} for lab, s in top]}
             for top in ranked]}
 
-    @app.post("/v1/similarity")
-    async def similarity(body: SimilarityRequest) -> dict:
-        start = time.perf_counter()
-        try:
-            result, scores = await dataplane.similarity(body.model, body.pairs, body.truncate)
-        except ServiceError as exc:
-            observe(body.model, "", "similarity", exc.code.value, start)
-            raise
-        observe(body.model, result.version, "similarity", "ok", start)
+    @app.post("/v1/similarity", openapi_extra=documented(SimilarityRequest))
+    async def similarity(request: Request) -> dict:
+        body = await parse_body(request, SimilarityRequest)
+        result, scores = await dataplane.similarity(body.model, body.pairs, body.truncate)
         return {"model": body.model, "version": result.version, "scores": scores}
 
-    @app.post("/v1/rerank")
-    async def rerank(body: RerankRequest) -> dict:
-        start = time.perf_counter()
-        try:
-            result, ranked = await dataplane.rerank(body.model, body.query, body.documents, body.truncate)
-        except ServiceError as exc:
-            observe(body.model, "", "rerank", exc.code.value, start)
-            raise
-        observe(body.model, result.version, "rerank", "ok", start)
+    @app.post("/v1/rerank", openapi_extra=documented(RerankRequest))
+    async def rerank(request: Request) -> dict:
+        body = await parse_body(request, RerankRequest)
+        result, ranked = await dataplane.rerank(body.model, body.query, body.documents, body.truncate)
         ranked = ranked[: body.top_n] if body.top_n else ranked
         return {"model": body.model, "version": result.version, "results": [
             {"index": i, "score": s, "document": body.documents[i]} for i, s in ranked]}
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if serve_metrics:
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -14,9 +14,7 @@ Bodies are JSON, or the binary tensor extension (what tritonclient sends): a JSO
 from __future__ import annotations
 
 import logging
-import math
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +22,9 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.dataplane import DataPlane
-from service.errors import HTTP_STATUS, InvalidInput, PayloadTooLarge, ServiceError
-from service.metrics import Metrics
+from service.api.http_errors import error_body
+from service.dataplane import MAX_DIMS, DataPlane, TensorInput
+from service.errors import InvalidInput, ServiceError
 from service.tensors import decode_bytes_elements
 
 log = logging.getLogger("sampserve")
@@ -77,11 +75,9 @@ class InferResponse(BaseModel):
 # ---------------------------------------------------------------- parsing
 
 
-def parse_infer_request(raw: bytes, header_length: str | None, max_bytes: int) -> tuple[InferRequest, bool]:
-    """A v2 infer body, JSON or binary-extension -> the request and whether to answer in binary."""
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the {max_bytes}-byte limit "
-                              "(SAMPSERVE_MAX_BODY_BYTES)")
+def parse_infer_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, list[TensorInput], bool]:
+    """A v2 infer body, JSON or binary-extension -> the request, its input tensors (decoded only
+    once the data plane has checked their size) and whether to answer in binary."""
     try:
         split = int(header_length) if header_length is not None else len(raw)
     except ValueError:
@@ -89,7 +85,7 @@ def parse_infer_request(raw: bytes, header_length: str | None, max_bytes: int) -
     if not 0 <= split <= len(raw):
         raise InvalidInput("Inference-Header-Content-Length is larger than the body")
     try:
-        payload = orjson.loads(raw[:split])
+        payload = orjson.loads(raw[:split])  # rejects lone surrogates and nesting past 1024 levels
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     try:
@@ -97,59 +93,57 @@ def parse_infer_request(raw: bytes, header_length: str | None, max_bytes: int) -
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    binary = raw[split:]
+    binary = memoryview(raw)[split:]
     offset = 0
+    tensors = []
     for tensor in body.inputs:
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is None:
+            tensors.append(_json_tensor(tensor))
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise InvalidInput(f"inputs.{tensor.name}: binary_data_size {size} does not fit the body")
-        tensor.data = decode_bytes_elements(binary[offset : offset + size], f"inputs.{tensor.name}")
+            raise InvalidInput(f"inputs.{tensor.name[:64]}: binary_data_size {size} does not fit the body")
+        tensors.append(_binary_tensor(tensor, binary[offset : offset + size]))
         offset += size
     wants_binary = bool((body.parameters or {}).get("binary_data_output")) or any(
         (o.parameters or {}).get("binary_data") for o in body.outputs or [])
-    return body, wants_binary
+    return body, tensors, wants_binary
 
 
-def text_tensors(request: InferRequest) -> tuple[list[str], list[str] | None]:
-    """The BYTES input ``text`` (and optional ``text_pair``) of a v2 request, validated."""
-    tensors = {t.name: t for t in request.inputs}
-    if not request.inputs:
-        raise InvalidInput("inputs: give a BYTES tensor named 'text'")
-    unknown = set(tensors) - {"text", "text_pair"}
-    if unknown:
-        raise InvalidInput(f"inputs: unknown tensor(s) {sorted(unknown)}; this model takes 'text' (and 'text_pair')")
-    if "text" not in tensors:
-        raise InvalidInput("inputs: the BYTES tensor 'text' is missing")
-    values = {name: _bytes_values(tensor) for name, tensor in tensors.items()}
-    pairs = values.get("text_pair")
-    if pairs is not None and len(pairs) != len(values["text"]):
-        raise InvalidInput("inputs: 'text_pair' must have as many elements as 'text'")
-    return values["text"], pairs
-
-
-def _bytes_values(tensor: RequestInput) -> list[str]:
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"inputs.{tensor.name}: datatype must be BYTES, got {tensor.datatype}")
-    if any(d < 0 for d in tensor.shape) or not tensor.shape:
-        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} must be non-negative, e.g. [n] or [n, 1]")
+def _json_tensor(tensor: RequestInput) -> TensorInput:
+    where = f"inputs.{tensor.name[:64]}"
     if tensor.data is None:
-        raise InvalidInput(f"inputs.{tensor.name}: data is missing (give data, or binary_data_size with the binary "
-                           "extension)")
-    count = math.prod(tensor.shape)
-    flat = _flatten(tensor.data)
-    if count != len(flat):
-        raise InvalidInput(f"inputs.{tensor.name}: shape {tensor.shape} holds {count} elements, data has {len(flat)}")
-    if any(not isinstance(v, str) for v in flat):
-        raise InvalidInput(f"inputs.{tensor.name}: BYTES data must be strings")
-    return flat
+        raise InvalidInput(f"{where}: data is missing (give data, or binary_data_size with the binary extension)")
+    flat = _flatten(tensor.data, where)
+
+    def decode(limit: int) -> list[Any]:
+        if len(flat) != limit:
+            raise InvalidInput(f"{where}: shape {tensor.shape} holds {limit} elements, data has {len(flat)}")
+        if any(not isinstance(v, str) for v in flat):
+            raise InvalidInput(f"{where}: BYTES data must be strings")
+        return flat
+
+    return TensorInput(tensor.name, tensor.datatype, tensor.shape, decode)
 
 
-def _flatten(data: list[Any]) -> list[Any]:
+def _binary_tensor(tensor: RequestInput, blob: memoryview) -> TensorInput:
+    where = f"inputs.{tensor.name[:64]}"
+    return TensorInput(tensor.name, tensor.datatype, tensor.shape,
+                       lambda limit: decode_bytes_elements(blob, where, limit))
+
+
+def _flatten(data: list[Any], where: str) -> list[Any]:
+    """Nested lists (row-major, as the protocol allows) to one list; at most MAX_DIMS levels deep."""
     out: list[Any] = []
-    for value in data:
-        out.extend(_flatten(value) if isinstance(value, list) else [value])
+    stack: list[tuple[Any, int]] = [(value, 1) for value in reversed(data)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, list):
+            if depth >= MAX_DIMS:
+                raise InvalidInput(f"{where}: data is nested deeper than {MAX_DIMS} levels")
+            stack.extend((inner, depth + 1) for inner in reversed(value))
+        else:
+            out.append(value)
     return out
 
 
@@ -166,28 +160,25 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def error_reply(exc: ServiceError) -> Reply:
+def error_reply(exc: ServiceError, path: str = "/v2") -> Reply:
     """The protocol's error shape: ``{"error": "..."}`` with the status of the error's code."""
-    return Reply(HTTP_STATUS[exc.code], orjson.dumps({"error": exc.message}))
+    status, body = error_body(exc, path)
+    return Reply(status, body)
 
 
-async def answer_infer(dataplane: DataPlane, metrics: Metrics, name: str, version: str | None, raw: bytes,
+async def answer_infer(dataplane: DataPlane, name: str, version: str | None, raw: bytes,
                        header_length: str | None) -> Reply:
     """One v2 infer request, parsed, run through the data plane, answered (errors included)."""
-    start = time.perf_counter()
     try:
-        body, binary_out = parse_infer_request(raw, header_length, dataplane.settings.max_body_bytes)
-        texts, pairs = text_tensors(body)
-        result = await dataplane.forward(name, version, texts, pairs,
-                                         truncate=bool((body.parameters or {}).get("truncate", False)))
+        body, tensors, binary_out = parse_infer_request(raw, header_length)
+        truncate = bool((body.parameters or {}).get("truncate", False))
+        result = await dataplane.infer(name, version, tensors, truncate)
     except ServiceError as exc:
-        metrics.observe_request(name, version or "", "infer", exc.code.value, start)
         return error_reply(exc)
-    metrics.observe_request(name, result.version, "infer", "ok", start)
     values = result.values.astype(np.float32)
-    output = "embeddings" if result.head.task == "matching" else "logits"
     header: dict[str, Any] = {"model_name": name, "model_version": str(result.version),
-                              "outputs": [{"name": output, "shape": list(values.shape), "datatype": "FP32"}]}
+                              "outputs": [{"name": result.output_name, "shape": list(values.shape),
+                                           "datatype": "FP32"}]}
     if body.id is not None:
         header["id"] = body.id
     if not binary_out:
@@ -206,10 +197,11 @@ _INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[
 
 
 class InferDoor:
-    """ASGI: POSTs to the v2 infer paths go to ``answer_infer``; everything else to ``app``."""
+    """ASGI: POSTs to the v2 infer paths go to ``answer_infer``; everything else to ``app``. The gate
+    in front (service.api.gate) has already read the body within its limits."""
 
-    def __init__(self, app: Any, dataplane: DataPlane, metrics: Metrics) -> None:
-        self.app, self.dataplane, self.metrics = app, dataplane, metrics
+    def __init__(self, app: Any, dataplane: DataPlane) -> None:
+        self.app, self.dataplane = app, dataplane
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         match = _INFER_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -227,21 +219,14 @@ class InferDoor:
         await send({"type": "http.response.body", "body": reply.body})
 
     async def _answer(self, name: str, version: str | None, scope: dict, receive: Any) -> Reply:
-        limit = self.dataplane.settings.max_body_bytes
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return Reply(499, b"")  # the client has gone; nothing will read the answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:  # refuse before reading the rest
-                return error_reply(PayloadTooLarge(f"request body exceeds the {limit}-byte limit "
-                                                   "(SAMPSERVE_MAX_BODY_BYTES)"))
-            chunks.append(chunk)
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         header_length = next((v.decode("latin-1") for k, v in scope["headers"]
                               if k == b"inference-header-content-length"), None)
-        return await answer_infer(self.dataplane, self.metrics, name, version, b"".join(chunks), header_length)
+        return await answer_infer(self.dataplane, name, version, b"".join(chunks), header_length)

@@ -1,4 +1,4 @@
-"""The onnxruntime engine. Graph optimization EXTENDED: INT8 kernels fuse only there (FACTS.md)."""
+"""The onnxruntime engine. Graph optimization EXTENDED: INT8 kernels fuse only there (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -23,11 +23,11 @@ async def test_config_instances_override_the_setting_and_all_serve(repo: Path, t
     manager = ModelManager(Settings(repo=tmp_path, instances=1, threads=1), Metrics())
     await manager.refresh()
     loaded = manager.get("emb")
-    assert len(loaded.runtimes) == 3 and loaded.batcher.concurrency == 3
+    assert len(loaded.pool.runtimes) == 3 and loaded.batcher.concurrency == 3
     texts = [f"message number {i} could not be opened" for i in range(9)]
     head = loaded.head
     rows = await asyncio.gather(*(loaded.run(head.encode([t]), None) for t in texts))
-    alone = np.concatenate([loaded.runtimes[0].run(head.collate(head.encode([t]))) for t in texts])
+    alone = np.concatenate([loaded.pool.runtimes[0].run(head.collate(head.encode([t]))) for t in texts])
     np.testing.assert_allclose(np.concatenate(rows), alone, atol=1e-5)  # every instance computes the same
     await manager.close()
 
@@ -35,5 +35,5 @@ async def test_config_instances_override_the_setting_and_all_serve(repo: Path, t
 async def test_setting_gives_the_default_instance_count(repo: Path) -> None:
     manager = ModelManager(Settings(repo=repo, instances=1, threads=1), Metrics())
     await manager.refresh()
-    assert len(manager.get("topics").runtimes) == 1
+    assert len(manager.get("topics").pool.runtimes) == 1
     await manager.close()

@@ -72,7 +72,7 @@ def test_task_endpoints(server):
     ("/v1/embeddings", {"model": "emb", "input": " ".join(["word"] * 400)}, 400, "at most 128"),
     ("/v1/embeddings", {"model": "emb", "input": []}, 400, "at least one"),
     ("/v1/embeddings", {"model": "topics", "input": "x"}, 400, "not matching"),
-    ("/v1/classify", {"model": "topics", "texts": ["x"] * 300}, 400, "at most 256"),
+    ("/v1/classify", {"model": "topics", "texts": ["x"] * 300}, 400, "at most 128"),
 ])
 def test_bad_input_is_a_clear_client_error(server, path, body, status, needle):
     response = server.http.post(path, json=body)

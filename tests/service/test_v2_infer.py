@@ -1,4 +1,5 @@
-"""The v2 infer door against FastAPI's own infer route: one implementation, the same answers."""
+"""The v2 infer door (behind the gate, as served) against FastAPI's own infer route: one
+implementation, the same answers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.api.gate import Gate
 from service.api.rest import create_app
 from service.api.v2_infer import InferDoor
 from service.dataplane import DataPlane
@@ -21,9 +23,9 @@ async def clients(repo: Path):
     metrics = Metrics()
     models = ModelManager(settings, metrics)
     await models.refresh()
-    dataplane = DataPlane(models, settings)
-    app = create_app(models, dataplane, metrics)
-    door = InferDoor(app, dataplane, metrics)
+    dataplane = DataPlane(models, settings, metrics)
+    app = create_app(dataplane, metrics)
+    door = Gate(InferDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, None, False)
     async with (httpx.AsyncClient(transport=httpx.ASGITransport(app=door), base_url="http://door") as via_door,
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as via_app):
         yield via_door, via_app, metrics
