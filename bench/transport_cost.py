@@ -1,13 +1,17 @@
 """What one call costs the server in CPU, transport alone: no model, a fixed 384-float answer.
 
-Three servers, each in its own process, under bench/loadgen.py at 64 clients: grpc.aio (what
-sampserve's gRPC port was), sampserve's gRPC front (service/api/grpc_front.py: gRPC over uvicorn's
-HTTP/2), and uvicorn's HTTP/1.1 with a raw ASGI app (what the REST infer door runs on). The
+Four servers, each in its own process, under bench/loadgen.py at 64 clients: plain grpc.aio,
+grpc.aio as sampserve's gRPC port runs it (its channel options and the edge interceptor: API key
+check, request id, access log), uvicorn's HTTP/1.1 with a raw ASGI app, and the same behind the
+REST gate (service/api/gate.py) and the connection guard. The two pairs tell what the edges cost. The
 server's CPU time (user + system, all threads) divided by the calls it answered is the number
 that matters on a small machine: it is taken from the model. Writes its section of
 docs/benchmarks.md.
 
     python bench/transport_cost.py [--seconds 10] [--clients 64]
+
+``BENCH_VARIANT`` (comma-separated ``noedge``, ``nolog``, ``noopt``) strips the sampserve gRPC
+server of its interceptor, its access log or its channel options, for the A/B of what each costs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from bench.docs import machine, write_section  # noqa: E402
 
 MARKS = ("<!-- bench/transport_cost.py begin -->", "<!-- bench/transport_cost.py end -->")
-SERVERS = ("grpc.aio", "sampserve gRPC front", "uvicorn HTTP/1.1 (raw ASGI)")
+SERVERS = ("grpc.aio", "grpc.aio as sampserve runs it", "uvicorn HTTP/1.1 (raw ASGI)",
+           "uvicorn HTTP/1.1 behind sampserve's gate")
 
 
 def _reply():
@@ -59,25 +64,35 @@ async def _serve_grpc_aio(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def _serve_front(port: int) -> None:
-    import uvicorn
+async def _serve_sampserve_grpc(port: int) -> None:
+    import grpc
 
-    from service.api.grpc_front import GrpcFront
+    from service.api.grpc import INFERENCE_SERVICE, OPEN_METHODS, _handlers, server_options
+    from service.api.grpc_edge import EdgeInterceptor
+    from service.api.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+    from service.metrics import Metrics
+    from service.settings import Settings
 
     pb, reply = _reply()
 
-    async def model_infer(request, context):
-        return reply
+    class Echo(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            return reply
 
-    front = GrpcFront({"/inference.GRPCInferenceService/ModelInfer": (model_infer, pb.ModelInferRequest)},
-                      "127.0.0.1:1", 4 * 1024 * 1024)
-    config = uvicorn.Config(front, host="127.0.0.1", port=port, http=front.protocol(), lifespan="off",
-                            log_level="warning", access_log=False, proxy_headers=False, server_header=False,
-                            date_header=False)
-    await uvicorn.Server(config).serve()
+    import os
+
+    variant = os.environ.get("BENCH_VARIANT", "")
+    edge = EdgeInterceptor(Metrics(), None, {INFERENCE_SERVICE.full_name}, OPEN_METHODS,
+                           access_log="nolog" not in variant)
+    server = grpc.aio.server(interceptors=[] if "noedge" in variant else [edge],
+                             options=[] if "noopt" in variant else server_options(Settings()))
+    server.add_generic_rpc_handlers((_handlers(Echo(), INFERENCE_SERVICE, pb),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
 
 
-async def _serve_http(port: int) -> None:
+async def _serve_http(port: int, gated: bool = False) -> None:
     import orjson
     import uvicorn
 
@@ -93,16 +108,32 @@ async def _serve_http(port: int) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-                            access_log=False, proxy_headers=False)
+    if not gated:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+                                access_log=False, proxy_headers=False)
+    else:
+        from service.api.connections import guarded_protocol
+        from service.api.gate import Gate
+        from service.metrics import Metrics
+        from service.settings import Settings
+
+        settings = Settings()
+        app = Gate(app, Metrics(), settings.max_body_bytes, settings.body_timeout_s, None, access_log=True)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+                                access_log=False, proxy_headers=False,
+                                http=guarded_protocol(settings.header_timeout_s, settings.max_connections))
     await uvicorn.Server(config).serve()
 
 
 def serve(kind: str, port: int) -> None:
     import uvloop
 
-    target = {SERVERS[0]: _serve_grpc_aio, SERVERS[1]: _serve_front, SERVERS[2]: _serve_http}[kind]
-    uvloop.run(target(port))
+    from service.logs import configure
+
+    configure("text")
+    targets = {SERVERS[0]: lambda: _serve_grpc_aio(port), SERVERS[1]: lambda: _serve_sampserve_grpc(port),
+               SERVERS[2]: lambda: _serve_http(port), SERVERS[3]: lambda: _serve_http(port, gated=True)}
+    uvloop.run(targets[kind]())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,10 +156,12 @@ def measure(kind: str, clients: int, seconds: float, sentence_file: Path) -> dic
     from bench.serve import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port)], cwd=ROOT)
+    # the access log (one line a call, as served) goes nowhere: its cost counts, its output does not
+    server = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port)], cwd=ROOT,
+                              stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
-        grpc = kind != SERVERS[2]
+        grpc = kind in SERVERS[:2]
         url = f"127.0.0.1:{port}" if grpc else f"http://127.0.0.1:{port}"
         before = cpu_seconds(server.pid)
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--model", "fp32",
@@ -167,7 +200,7 @@ def main() -> None:
             results[kind].append(result)
             print(f"{kind:32s} {result['rps']:8.0f} calls/s  {result['ms_per_call']:.3f} ms CPU per call "
                   f"{result['codes']}", flush=True)
-    lines = ["## Transport cost per call: grpc.aio, the gRPC front, uvicorn HTTP/1.1", "",
+    lines = ["## Transport cost per call: grpc.aio and uvicorn HTTP/1.1, bare and with sampserve's edges", "",
              f"`python bench/transport_cost.py` ({machine()}; {args.clients} clients from bench/loadgen.py, "
              f"grpc.aio for gRPC and aiohttp for HTTP, {args.seconds:.0f} s per run, {args.rounds} interleaved "
              "runs per server). No model: each server answers every call with the same 384-float output, so "
