@@ -1,7 +1,7 @@
 """Closed-loop load generator, run in its own process so it shares nothing with the server.
 
 HTTP uses one aiohttp session (httpx added multi-second p99 spikes of its own at 64 connections
-here, FACTS.md); gRPC uses grpc.aio with the v2 protocol's stubs. Each client sends one sentence
+here, docs/design.md); gRPC uses grpc.aio with the v2 protocol's stubs. Each client sends one sentence
 per request from a fixed list, as fast as answers come.
 
     python bench/loadgen.py --url http://127.0.0.1:8000 --model m --clients 16 --seconds 15 \

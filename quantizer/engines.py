@@ -1,8 +1,9 @@
 """Inference engines for exported graphs: onnxruntime always, TensorRT where it imports.
 
 onnxruntime runs at graph optimization level EXTENDED: INT8 kernel fusions only happen there
-(FACTS.md: 147 vs 220 ms), while the transformer-specific fusions of the offline optimizer were
-slower than the unfused graph on this CPU and are not applied.
+(147 vs 220 ms), while the transformer-specific fusions of the offline optimizer were slower than
+the unfused graph on the 2-core AVX-512 VNNI Xeon it was measured on and are not applied
+(docs/design.md, "Quantization").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Inputs are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has a segment
 embedding), all int64 (batch, sequence). The output is ``logits`` for classification/LM heads and
 ``embeddings`` for matching heads. The attention mask is filled with a finite -1e4 inside the model
-(FACTS.md: finfo.min makes onnxruntime's Softmax ~8x slower on this CPU).
+(finfo.min made onnxruntime's Softmax ~8x slower on a 2-core Xeon: docs/design.md, "Quantization").
 """
 
 from __future__ import annotations

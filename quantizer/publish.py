@@ -1,19 +1,25 @@
-"""Publish a SAMP result as the next version of a model in the repository (atomically)."""
+"""Publish a SAMP result as the next version of a model in the repository (atomically).
+
+Only what the server can serve is published: a checkpoint whose task has no server head
+(``service.heads.HEADS``) is refused before anything is written, and so is one whose task differs
+from the model's committed config.json.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp, SampResult
+from service.heads import HEADS
 from service.repository import (
     HEAD_FILE,
     MODEL_CONFIG_FILE,
     ONNX_FILE,
     TOKENIZER_FILE,
+    HeadMeta,
     RepoModelConfig,
     load_model_config,
     publish,
@@ -21,55 +27,81 @@ from service.repository import (
 from training.checkpoint import Checkpoint, raw_tokenizer
 
 SERVED_TASKS = {"matching": "matching", "classification": "classification", "lm": "generation"}
+"""A checkpoint's training task -> the repository task it publishes as (RepoModelConfig.task)."""
 TENSORRT_FILE = "model.plan"
+
+
+class NotServable(ValueError):
+    """The checkpoint's task is one the server has no head for, or not the model's committed task."""
+
+
+def served_task(model_dir: Path, checkpoint: Checkpoint) -> str:
+    """The repository task ``checkpoint`` publishes as into ``model_dir``; raises NotServable, naming
+    the tasks the server does serve, when the server could not serve it. Writes nothing."""
+    trained = checkpoint.head.task
+    task = SERVED_TASKS.get(trained, trained)
+    if task not in HEADS:
+        published_as = f" (published as task {task!r})" if task != trained else ""
+        raise NotServable(
+            f"{model_dir.name}: the server has no head for task {trained!r}{published_as}; it serves "
+            f"{', '.join(sorted(HEADS))}. Nothing was published."
+        )
+    if (Path(model_dir) / MODEL_CONFIG_FILE).exists():
+        committed = load_model_config(Path(model_dir)).task
+        if committed != task:
+            raise NotServable(
+                f"{Path(model_dir) / MODEL_CONFIG_FILE}: task {committed!r}, but the checkpoint is a {task} "
+                "model. Nothing was published."
+            )
+    return task
 
 
 def ensure_model_config(model_dir: Path, checkpoint: Checkpoint, max_drop: float) -> RepoModelConfig:
     """The model's committed config.json: created with defaults on first publish, else validated."""
+    task = served_task(model_dir, checkpoint)
     if (model_dir / MODEL_CONFIG_FILE).exists():
         return load_model_config(model_dir)
-    task = SERVED_TASKS.get(checkpoint.head.task)
-    if task is None:
-        raise ValueError(f"task {checkpoint.head.task!r} is not served; serve matching or classification heads")
-    config = RepoModelConfig(name=model_dir.name, task=task, source=str(checkpoint.path),
-                             max_drop=max_drop, max_length=checkpoint.head.max_length)
+    config = RepoModelConfig.model_validate({"name": model_dir.name, "task": task, "source": str(checkpoint.path),
+                                             "max_drop": max_drop, "max_length": checkpoint.head.max_length})
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / MODEL_CONFIG_FILE).write_text(config.model_dump_json(indent=2, exclude_none=True) + "\n")
     return config
 
 
-def served_head(checkpoint: Checkpoint, info: ExportInfo) -> dict:
-    """head.json of a version: the training head plus the graph's input/output names."""
-    return {
-        **checkpoint.head.model_dump(exclude={"source_dir"}),
-        "input_names": list(info.input_names),
-        "output_name": info.output_name,
-        "normalized": bool(checkpoint.config.target.normalize),
-        "pad_token_id": checkpoint.config.pad_token_id,
-    }
+def served_head(checkpoint: Checkpoint, info: ExportInfo) -> HeadMeta:
+    """head.json of a version: how the server feeds the exported graph and reads its output."""
+    return HeadMeta(
+        input_names=list(info.input_names),  # export_onnx names only the three HeadMeta knows
+        max_length=checkpoint.head.max_length,
+        pad_token_id=checkpoint.config.pad_token_id,
+        labels=checkpoint.head.labels,
+        normalized=bool(checkpoint.config.target.normalize),
+    )
 
 
 def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) -> Path:
     """Publish the exported FP32 graph as it is (no SAMP): the baseline a benchmark compares with."""
-    info = export_onnx(checkpoint, Path(workdir) / "fp32.onnx")
     model_dir = Path(repo) / model
+    served_task(model_dir, checkpoint)
+    info = export_onnx(checkpoint, Path(workdir) / "fp32.onnx")
     ensure_model_config(model_dir, checkpoint, max_drop=0.0)
     return publish(model_dir, {
         ONNX_FILE: info.path,
         TOKENIZER_FILE: raw_tokenizer(checkpoint.tokenizer).to_str().encode(),
-        HEAD_FILE: json.dumps(served_head(checkpoint, info), indent=2).encode(),
+        HEAD_FILE: served_head(checkpoint, info).to_json(),
     }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized"})
 
 
 def publish_result(samp: Samp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:
-    """Write ``repo/model/<next>/``; returns its path and notes (such as a skipped TensorRT build)."""
+    """Write ``repo/model/<next>/``; returns its path and notes (such as a skipped TensorRT build).
+    Refuses (NotServable) a checkpoint the server could not serve, before writing anything."""
     model_dir = Path(repo) / model
     ensure_model_config(model_dir, samp.checkpoint, samp.settings.max_drop)
     work = result.workdir
     files: dict[str, Path | bytes] = {
         ONNX_FILE: result.model_path,
         TOKENIZER_FILE: raw_tokenizer(samp.checkpoint.tokenizer).to_str().encode(),
-        HEAD_FILE: json.dumps(served_head(samp.checkpoint, samp.info), indent=2).encode(),
+        HEAD_FILE: served_head(samp.checkpoint, samp.info).to_json(),
         REPORT_JSON: write_json(result.report, work / REPORT_JSON),
         REPORT_PNG: write_plot(result.report, work / REPORT_PNG),
     }

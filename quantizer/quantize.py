@@ -2,7 +2,7 @@
 
 Two forms, both from onnxruntime's quantization primitives:
 - ``dynamic``: INT8 weights (symmetric, per channel), activations quantized at run time. No
-  calibration; on this CPU the fastest (FACTS.md).
+  calibration; the fastest on the CPUs measured (docs/design.md, "Quantization").
 - ``static``: QDQ graph with calibrated activation ranges (min-max, percentile or entropy) and
   symmetric per-channel weights; the one file serves onnxruntime on CPU and TensorRT's explicit
   quantization on GPU. MatMul outputs stay unquantized (quantizing them cost 0.08 Spearman here).
@@ -37,7 +37,7 @@ CALIBRATION_METHODS = {
 
 class BatchReader(CalibrationDataReader):
     """Feeds calibration batches to onnxruntime's calibrator. Batches must share one sequence
-    length: the percentile and entropy calibrators fail on ragged lengths (FACTS.md)."""
+    length: the percentile and entropy calibrators fail on ragged lengths (docs/design.md)."""
 
     def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
         self._batches = list(batches)

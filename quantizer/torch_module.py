@@ -3,7 +3,6 @@ raw texts), torch tensors out, the chosen mixed-precision graph running undernea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from quantizer.engines import ort_session
-from service.repository import HEAD_FILE, ONNX_FILE, TOKENIZER_FILE, verify
+from service.repository import ONNX_FILE, TOKENIZER_FILE, load_head, verify
 from training.tokenization import configured
 
 
@@ -19,11 +18,11 @@ class SampModule(torch.nn.Module):
     def __init__(self, version_dir: Path, threads: int | None = None) -> None:
         super().__init__()
         self.version_dir = Path(version_dir)
-        self.head = json.loads((self.version_dir / HEAD_FILE).read_text())
+        self.head = load_head(self.version_dir)
         self.session = ort_session(self.version_dir / ONNX_FILE, threads)
-        self.input_names: list[str] = self.head["input_names"]
+        self.input_names: list[str] = list(self.head.input_names)
         self.tokenizer = configured(Tokenizer.from_file(str(self.version_dir / TOKENIZER_FILE)),
-                                    self.head["max_length"], self.head["pad_token_id"])
+                                    self.head.max_length, self.head.pad_token_id)
 
     def forward(
         self,
@@ -39,11 +38,11 @@ class SampModule(torch.nn.Module):
             token_type_ids = torch.tensor([e.type_ids for e in enc])
         if input_ids is None:
             raise ValueError("pass input_ids (and attention_mask) or texts")
-        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        if given["attention_mask"] is None:
-            given["attention_mask"] = torch.ones_like(input_ids)
-        if given["token_type_ids"] is None:
-            given["token_type_ids"] = torch.zeros_like(input_ids)
+        given: dict[str, torch.Tensor] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids,
+        }
         feed = {name: np.ascontiguousarray(given[name].detach().cpu().numpy().astype(np.int64))
                 for name in self.input_names}
         (out,) = self.session.run(None, feed)

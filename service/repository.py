@@ -10,7 +10,8 @@ Layout::
       <model>/config.json        committed per-model settings (RepoModelConfig)
       <model>/<N>/               N = 1, 2, 3 ...: one published version
           manifest.json          written last by publish: sizes and sha256 of every file
-          model.onnx, tokenizer.json, head.json, samp_report.json, ...
+          head.json              how to feed the graph and read its output (HeadMeta)
+          model.onnx, tokenizer.json, samp_report.json, ...
       <model>/.tmp-<hex>/        a publish in progress (or left by a crash); never a version
 
 A version appears only through one ``rename`` of a fully written and fsynced temp directory, so a
@@ -76,9 +77,8 @@ class BatchingConfig(_Strict):
     """How the server groups requests into batches for one model."""
 
     max_batch_size: int = Field(32, ge=1, le=1024)
-    """Most requests in one batch."""
-    max_queue_delay_ms: float = Field(2.0, ge=0)
-    """Longest a request waits for others to join its batch before the batch runs anyway."""
+    """Most requests in one batch. There is no queue delay to set: a batch runs as soon as a runtime
+    instance is free, and what queued meanwhile forms the next one (docs/design.md)."""
     max_batch_tokens: int = Field(8192, ge=1)
     """Token budget per batch, padding included (batch size x longest sequence)."""
     max_queue_size: int = Field(256, ge=1)
@@ -146,6 +146,8 @@ class RepoModelConfig(_Strict):
     """Which versions to load."""
     max_length: int | None = Field(None, ge=1)
     """Longest input in tokens the server accepts; None: the model's own limit."""
+    runtime: str = Field("onnxruntime", min_length=1)
+    """The runtime by name, from service.runtimes.RUNTIMES; plugins may register more."""
 
 
 def _describe(err: ValidationError) -> str:
@@ -182,6 +184,52 @@ def load_model_config(model_dir: Path) -> RepoModelConfig:
     if config.name != Path(model_dir).name:
         raise ModelConfigError(f"{path}: name: {config.name!r} does not match folder name {Path(model_dir).name!r}")
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# head.json
+
+
+class HeadError(RepositoryError, ValueError):
+    """A version's head.json is missing, not JSON, or does not match HeadMeta."""
+
+
+class HeadMeta(BaseModel):
+    """``<model>/<N>/head.json``: what the server needs, beside the graph and the tokenizer, to turn
+    texts into a version's inputs and its outputs into answers.
+
+    Written by the quantizer's publish, read by the server's heads (service.heads) and by
+    quantizer.torch_module. Fields nobody reads are not written. Unknown fields are ignored rather
+    than refused, so that versions published before this schema (which also carried ``task``,
+    ``text_pair``, ``source`` and ``output_name``) still load.
+    """
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    input_names: list[Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(min_length=1)
+    """The graph's inputs, in order; all int64 (batch, sequence)."""
+    max_length: int = Field(ge=1)
+    """Longest input in tokens (special tokens included) the model takes."""
+    pad_token_id: int = Field(0, ge=0)
+    """Token id that pads a batch's shorter rows."""
+    labels: list[str] | None = None
+    """Classification: the class names, by logit index."""
+    normalized: bool = False
+    """Matching: the graph's embeddings are already unit length (the server skips normalizing)."""
+
+    def to_json(self) -> bytes:
+        """The file's bytes as publish writes them."""
+        return self.model_dump_json(indent=2, exclude_none=True).encode("utf-8") + b"\n"
+
+
+def load_head(version_dir: Path) -> HeadMeta:
+    """Read and validate ``version_dir/head.json``; errors name the file and the field."""
+    path = Path(version_dir) / HEAD_FILE
+    data = _read_json(path, HeadError)
+    try:
+        return HeadMeta.model_validate(data)
+    except ValidationError as e:
+        raise HeadError(f"{path}: {_describe(e)}") from e
 
 
 # ----------------------------------------------------------------------------------------------

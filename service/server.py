@@ -10,6 +10,7 @@ native library, say), it exits with status 3 at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import make_asgi_app
 
+from service import tracing
 from service.api.connections import guarded_protocol
 from service.api.gate import Gate
 from service.api.grpc import GrpcServer
@@ -85,6 +87,8 @@ async def serve(settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         log.error("API key: %s", exc)
         return 2
+    if tracing.setup(settings.otlp_endpoint):
+        log.info("tracing: spans go to %s", settings.otlp_endpoint)
     for module in settings.plugins:
         importlib.import_module(module)  # e.g. registers a runtime in service.runtimes.RUNTIMES
     raise_file_limit()
@@ -106,7 +110,9 @@ async def serve(settings: Settings) -> int:
         servers.append((uvicorn.Server(_uvicorn_config(make_asgi_app(metrics.registry), settings, metrics,
                                                        "metrics")), metrics_sock))
     for server, _ in servers:
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours, below
+        # uvicorn would take SIGTERM for itself (each server replacing the other's handler); ours,
+        # below, flips readiness first and stops every server
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     def stop() -> None:
         if dataplane.draining:

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from service import tracing
 from service.api.http_errors import error_body
 from service.errors import BodyTimeout, PayloadTooLarge, ServiceError, Unauthenticated
 from service.metrics import Metrics
@@ -69,7 +70,10 @@ class Gate:
                 except ServiceError as exc:
                     refusal = exc
                 else:
-                    status = await self._run(scope, body, receive, send_with_id) or status
+                    carrier = {"traceparent": headers[b"traceparent"].decode("latin-1")} \
+                        if b"traceparent" in headers else None
+                    with tracing.span(f"{scope['method']} {scope['path'][:100]}", carrier, request_id=info.id):
+                        status = await self._run(scope, body, receive, send_with_id) or status
             if refusal is not None:
                 code, payload = error_body(refusal, scope["path"])
                 await send_with_id({"type": "http.response.start", "status": code, "headers": [

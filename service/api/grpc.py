@@ -44,16 +44,24 @@ def _tensors(request: pb.ModelInferRequest) -> list[TensorInput]:
     tensors = []
     for index, tensor in enumerate(request.inputs):
         where = f"inputs.{tensor.name[:64]}"
-        if raw:
-            def decode(limit: int, blob: bytes = raw[index], where: str = where) -> list[Any]:
-                return decode_bytes_elements(blob, where, limit)
-        else:
-            def decode(limit: int, elements: Any = tensor.contents.bytes_contents, where: str = where) -> list[Any]:
-                if len(elements) != limit:
-                    raise InvalidInput(f"{where}: the shape declares {limit} elements, the data holds {len(elements)}")
-                return [utf8(v, f"{where}: element {i}") for i, v in enumerate(elements)]
+        decode = _raw(raw[index], where) if raw else _elements(tensor.contents.bytes_contents, where)
         tensors.append(TensorInput(tensor.name, tensor.datatype, list(tensor.shape), decode))
     return tensors
+
+
+def _raw(blob: bytes, where: str) -> Callable[[int], list[Any]]:
+    return lambda limit: decode_bytes_elements(blob, where, limit)
+
+
+def _elements(elements: Any, where: str) -> Callable[[int], list[Any]]:
+    """``bytes_contents``: its length is known without decoding, so a wrong count costs nothing."""
+
+    def decode(limit: int) -> list[Any]:
+        if len(elements) != limit:
+            raise InvalidInput(f"{where}: the shape declares {limit} elements, the data holds {len(elements)}")
+        return [utf8(v, f"{where}: element {i}") for i, v in enumerate(elements)]
+
+    return decode
 
 
 class InferenceServicer:

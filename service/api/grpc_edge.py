@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from service import tracing
 from service.errors import GRPC_STATUS, ServiceError
 from service.metrics import Metrics
 from service.request_context import begin_request
@@ -53,7 +54,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                                                              Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         service, _, name = method.lstrip("/").rpartition("/")
         if handler is None or handler.unary_unary is None or service not in self.guarded_services:
             return handler  # health, reflection (streams), unknown methods: grpcio's own answers
@@ -87,7 +88,12 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(code, f"malformed request message: {request.reason}",
                                         trailing_metadata=trailers)
                 try:
-                    response = await behavior(request, context)
+                    if tracing.enabled():
+                        parent = _metadata(context, "traceparent")
+                        with tracing.span(method, {"traceparent": parent} if parent else None, request_id=info.id):
+                            response = await behavior(request, context)
+                    else:
+                        response = await behavior(request, context)
                 except ServiceError as exc:
                     code = GRPC_STATUS[exc.code]
                     await context.abort(code, exc.message, trailing_metadata=trailers)

@@ -103,7 +103,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
     models = dataplane.models
     app = FastAPI(title="sampserve", version=SERVER_VERSION, default_response_class=FastJSONResponse,
                   description="Open Inference Protocol v2 and task endpoints over a SAMP model repository.",
-                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.errors import InvalidInput
-from service.repository import HEAD_FILE, TOKENIZER_FILE
+from service.repository import TOKENIZER_FILE, HeadMeta, load_head
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,10 @@ class TextEncoder:
     task = ""
 
     def __init__(self, version_dir: Path) -> None:
-        self.meta: dict = json.loads((Path(version_dir) / HEAD_FILE).read_text())
-        self.max_length: int = int(self.meta["max_length"])
-        self.pad_id: int = int(self.meta.get("pad_token_id", 0))
-        self.input_names: list[str] = list(self.meta["input_names"])
+        self.meta: HeadMeta = load_head(version_dir)
+        self.max_length: int = self.meta.max_length
+        self.pad_id: int = self.meta.pad_token_id
+        self.input_names: list[str] = list(self.meta.input_names)
         self.tokenizer = Tokenizer.from_file(str(Path(version_dir) / TOKENIZER_FILE))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()

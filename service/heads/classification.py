@@ -13,7 +13,7 @@ class ClassificationHead(TextEncoder):
 
     @property
     def labels(self) -> list[str]:
-        return list(self.meta.get("labels") or [])
+        return list(self.meta.labels or [])
 
     def top_k(self, logits: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         if k < 1:

@@ -11,7 +11,7 @@ class MatchingHead(TextEncoder):
     task = "matching"
 
     def normalize(self, vectors: np.ndarray) -> np.ndarray:
-        if self.meta.get("normalized"):
+        if self.meta.normalized:
             return vectors
         return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True).clip(1e-12)
 

@@ -24,11 +24,14 @@ from service.repository import (
     TEMP_PREFIX,
     TOKENIZER_FILE,
     BatchingConfig,
+    HeadError,
+    HeadMeta,
     ManifestError,
     ModelConfigError,
     RepoModelConfig,
     VersionPolicy,
     list_versions,
+    load_head,
     load_model_config,
     next_version,
     publish,
@@ -433,9 +436,10 @@ def test_version_policy_rejects(raw: dict) -> None:
 
 def test_batching_config_bounds() -> None:
     assert BatchingConfig() == BatchingConfig(
-        max_batch_size=32, max_queue_delay_ms=2.0, max_batch_tokens=8192, max_queue_size=256, instances=None
+        max_batch_size=32, max_batch_tokens=8192, max_queue_size=256, instances=None
     )
-    for bad in ({"max_batch_size": 0}, {"max_batch_size": 1025}, {"max_queue_delay_ms": -1},
+    # no queue delay: the batcher never waits while a runtime is free, so there is nothing to set
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": 1025}, {"max_queue_delay_ms": 2.0},
                 {"max_batch_tokens": 0}, {"max_queue_size": 0}, {"instances": 0}, {"instances": 17}):
         with pytest.raises(ValidationError):
             BatchingConfig.model_validate(bad)
@@ -463,13 +467,17 @@ def test_load_model_config_valid(model_dir: Path) -> None:
     assert isinstance(config, RepoModelConfig)
     assert config.task == "matching"
     assert config.max_drop == 0.01
-    assert config.batching.max_batch_size == 64 and config.batching.max_queue_delay_ms == 2.0
+    assert config.batching.max_batch_size == 64 and config.batching.max_queue_size == 256
+    assert config.runtime == "onnxruntime"
     assert config.version_policy.select([1, 2, 3]) == [1, 3]
     assert config.max_length == 256
 
     _write_config(model_dir, {"name": "minilm", "task": "classification", "source": "x"})
     config = load_model_config(model_dir)
     assert config.version_policy.latest == 1 and config.max_length is None
+
+    _write_config(model_dir, {"name": "minilm", "task": "matching", "source": "x", "runtime": "tensorrt"})
+    assert load_model_config(model_dir).runtime == "tensorrt"  # a name; the server checks it against RUNTIMES
 
 
 @pytest.mark.parametrize(
@@ -498,6 +506,50 @@ def test_load_model_config_errors_name_file_and_field(model_dir: Path, raw: dict
 def test_load_model_config_missing_file(model_dir: Path) -> None:
     with pytest.raises(ModelConfigError, match=r"config\.json: missing"):
         load_model_config(model_dir)
+
+
+def test_committed_model_configs_load() -> None:
+    for config in sorted((REPO_ROOT / "model_repo").glob(f"*/{MODEL_CONFIG_FILE}")):
+        assert load_model_config(config.parent).name == config.parent.name
+
+
+def test_head_json_round_trips_and_omits_what_is_unset(tmp_path: Path) -> None:
+    head = HeadMeta(input_names=["input_ids", "attention_mask"], max_length=128, labels=["a", "b"])
+    (tmp_path / HEAD_FILE).write_bytes(head.to_json())
+    assert load_head(tmp_path) == head
+    assert json.loads(head.to_json()) == {"input_names": ["input_ids", "attention_mask"], "max_length": 128,
+                                          "pad_token_id": 0, "labels": ["a", "b"], "normalized": False}
+    embedder = HeadMeta(input_names=["input_ids"], max_length=8, normalized=True)
+    assert "labels" not in json.loads(embedder.to_json())
+
+
+def test_head_json_written_before_the_schema_still_loads(tmp_path: Path) -> None:
+    """Versions published earlier carried fields nobody read (task, text_pair, source, output_name)."""
+    old = {"task": "matching", "labels": None, "max_length": 256, "text_pair": False, "source": "hf",
+           "input_names": ["input_ids", "attention_mask", "token_type_ids"], "output_name": "embeddings",
+           "normalized": True, "pad_token_id": 0}
+    (tmp_path / HEAD_FILE).write_text(json.dumps(old))
+    head = load_head(tmp_path)
+    assert head.max_length == 256 and head.normalized and head.labels is None
+    assert head.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, r"head\.json: missing"),
+        ("[1,", r"head\.json: invalid JSON"),
+        ({"max_length": 8}, r"head\.json: input_names: Field required"),
+        ({"input_names": ["input_ids"], "max_length": 0}, r"head\.json: max_length: Input should be greater"),
+        ({"input_names": ["pixels"], "max_length": 8}, r"head\.json: input_names\.0: Input should be"),
+        ({"input_names": [], "max_length": 8}, r"head\.json: input_names: List should have at least 1 item"),
+    ],
+)
+def test_head_json_errors_name_file_and_field(tmp_path: Path, raw: dict | str | None, expected: str) -> None:
+    if raw is not None:
+        (tmp_path / HEAD_FILE).write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    with pytest.raises(HeadError, match=expected):
+        load_head(tmp_path)
 
 
 def test_repository_module_stays_torch_free() -> None:

