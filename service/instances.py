@@ -100,7 +100,11 @@ class InstancePool:
 
     async def run(self, feed: Feed, warm_up: Feed) -> np.ndarray:
         idle = self._queue()
-        worker = await idle.get()
+        try:  # every instance stuck or being replaced: fail the batch rather than wait for good
+            worker = await asyncio.wait_for(idle.get(), self.timeout_s)
+        except TimeoutError:
+            raise RuntimeHung(f"no runtime instance became free within {self.timeout_s:g}s "
+                              f"(SAMPSERVE_RUNTIME_TIMEOUT_S); {self.hung} call(s) stuck") from None
         future = worker.submit(feed)
         try:
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
@@ -137,19 +141,40 @@ class InstancePool:
             loop.call_soon_threadsafe(account)
 
         future.add_done_callback(returned)
+        self._spawn_replacement(warm_up)
+
+    def _spawn_replacement(self, warm_up: Feed) -> None:
         self.replacing += 1
-        task = loop.create_task(self._replace(warm_up))
+        task = asyncio.get_running_loop().create_task(self._replace(warm_up))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, warm_up: Feed) -> None:
-        try:  # a thread of its own: the replacement may itself hang in its warm-up
-            worker = await asyncio.wrap_future(call_in_thread(self._new_worker, warm_up))
+        """Build an instance on a thread of its own. A warm-up stuck past the bound counts as a hung
+        call (the runtime is wedged, not just one instance) until it returns; then it serves."""
+        building = asyncio.wrap_future(call_in_thread(self._new_worker, warm_up))
+        stuck = False
+        try:
+            try:
+                worker = await asyncio.wait_for(asyncio.shield(building), self.timeout_s)
+            except TimeoutError:
+                stuck = True
+                self.hung += 1
+                self._on_hung(self.hung)
+                log.error("%s: the replacement's warm-up exceeded %gs (%d hung)", self.label, self.timeout_s,
+                          self.hung)
+                worker = await building
         except Exception:
-            log.exception("%s: building a replacement instance failed", self.label)
+            log.exception("%s: building a replacement instance failed; trying again in %gs", self.label,
+                          self.timeout_s)
+            await asyncio.sleep(self.timeout_s)
+            self._spawn_replacement(warm_up)
             return
         finally:
             self.replacing -= 1
+            if stuck:
+                self.hung -= 1
+                self._on_hung(self.hung)
         self._workers.append(worker)
         self._queue().put_nowait(worker)
         log.info("%s: replacement instance ready", self.label)

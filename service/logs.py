@@ -39,7 +39,7 @@ class QueuedHandler(logging.Handler):
 
     def __init__(self, stream: TextIO, formatter: logging.Formatter) -> None:
         super().__init__()
-        self.stream, self.formatter = stream, formatter
+        self.stream, self.lines = stream, formatter
         self.records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUE_RECORDS)
         self.dropped = 0
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
@@ -47,7 +47,7 @@ class QueuedHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatter.formatException(record.exc_info)  # the traceback is gone later
+            record.exc_text = self.lines.formatException(record.exc_info)  # the traceback is gone later
         try:
             self.records.put_nowait(record)
         except queue.Full:
@@ -71,7 +71,7 @@ class QueuedHandler(logging.Handler):
         lines = []
         for record in batch:
             try:
-                lines.append(self.formatter.format(record))
+                lines.append(self.lines.format(record))
             except Exception:  # a record that cannot be formatted is skipped, never kills the writer
                 self.dropped += 1
         try:
