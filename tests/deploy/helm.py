@@ -31,6 +31,11 @@ def merged_values(*values_files: Path) -> dict[str, Any]:
     return values
 
 
+def merged_over(over: dict[str, Any], *values_files: Path) -> dict[str, Any]:
+    """The chart's values (with ``values_files``) and ``over`` merged on top, as ``--set`` would."""
+    return _merge(merged_values(*values_files), over)
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():

@@ -106,3 +106,44 @@ def test_compose_mounts_the_files_the_tests_check() -> None:
     for host in mounts:
         assert (ROOT / host).exists(), host
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+
+
+def test_compose_passes_the_api_key_as_a_secret_file() -> None:
+    """The key reaches the server as a compose secret (a file under /run/secrets), never as an
+    environment value, from a host folder git ignores; Prometheus keeps scraping the REST port,
+    where /metrics stays open under the key."""
+    binary = system_tool("docker-compose", "docker-compose")
+    done = subprocess.run([binary, "--profile", "tls", "config"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    files = {name: Path(secret["file"]) for name, secret in config["secrets"].items()}
+    for path in files.values():
+        assert path.parent == ROOT / "docker" / "secrets"
+        if (ROOT / ".git").exists():
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+            assert ignored.returncode == 0, f"{path} is not git-ignored"
+    from service.settings import Settings
+
+    for name in ("sampserve", "sampserve-tls"):
+        service = config["services"][name]
+        environment = service["environment"]
+        assert {k.removeprefix("SAMPSERVE_").lower() for k in environment} <= set(Settings.model_fields), name
+        assert "SAMPSERVE_API_KEY" not in environment
+        targets = {s["source"]: s.get("target", s["source"]) for s in service["secrets"]}
+        for variable, value in environment.items():
+            if variable.endswith("_FILE"):  # every file the server reads is a secret it is given
+                assert value.startswith("/run/secrets/") and value.removeprefix("/run/secrets/") in \
+                    targets.values(), (name, variable)
+        assert environment["SAMPSERVE_API_KEY_FILE"] == f"/run/secrets/{targets['sampserve_api_key']}"
+        assert "SAMPSERVE_METRICS_PORT" not in environment
+        # the server exits within drain + 5 s of SIGTERM: compose waits longer before SIGKILL
+        assert float(service["stop_grace_period"].removesuffix("s")) > float(environment["SAMPSERVE_DRAIN_GRACE_S"]) + 5
+    tls = config["services"]["sampserve-tls"]
+    assert tls["profiles"] == ["tls"]
+    assert {"SAMPSERVE_TLS_CERT_FILE", "SAMPSERVE_TLS_KEY_FILE"} <= set(tls["environment"])
+    assert "https://127.0.0.1:8000/v2/health/live" in " ".join(tls["healthcheck"]["test"])
+    assert "SAMPSERVE_TLS_CERT_FILE" not in config["services"]["sampserve"]["environment"]
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["sampserve:8000"] and job["metrics_path"] == "/metrics"
+    assert "8000" in {p.split(":")[-1].split("/")[0] for p in config["services"]["sampserve"]["ports"]}
