@@ -60,7 +60,8 @@ def _uvicorn_config(app: Any, settings: Settings, metrics: Metrics, port_name: s
             tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return uvicorn.Config(
         app, http=guarded_protocol(settings.header_timeout_s, settings.max_connections, refused),
-        log_level="warning", access_log=False, timeout_keep_alive=max(1, round(settings.idle_timeout_s)),
+        log_config=None, log_level="warning", access_log=False,  # uvicorn's loggers go through ours
+        timeout_keep_alive=max(1, round(settings.idle_timeout_s)),
         timeout_graceful_shutdown=int(settings.drain_grace_s) or None, limit_concurrency=None, lifespan="off",
         server_header=False, **tls)
 

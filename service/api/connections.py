@@ -5,7 +5,8 @@ sent; a connection that never sends a request, or sends its headers a byte at a 
 stays open for good, and enough of them exhaust the process's file descriptors. This protocol,
 uvicorn's own httptools protocol (chosen with ``--http``, its documented extension point) plus two
 timers, closes a connection that has not sent complete request headers within ``header_timeout_s``
-of connecting or of starting a request, and refuses connections beyond ``max_connections``.
+of connecting or of starting a request, refuses connections beyond ``max_connections``, and at
+shutdown drops idle connections at once (TLS ones included).
 """
 
 from __future__ import annotations
@@ -58,5 +59,14 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, on_refused: 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            """At SIGTERM an idle connection goes at once. uvicorn closes it, which over TLS waits for
+            the client's close_notify: an idle keep-alive client held the drain for its whole grace."""
+            if self.cycle is None or self.cycle.response_complete:
+                self._disarm()
+                self.transport.abort()  # nothing is in flight on it: nothing to lose
+            else:
+                super().shutdown()
 
     return GuardedHttpToolsProtocol

@@ -163,7 +163,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """grpcio's own defences, set from the settings (docs/design.md says why each value)."""
     ms = lambda seconds: int(seconds * 1000)  # noqa: E731
     return [
-        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        # grpcio opens a stream's window to the whole message its prefix announces: one connection can
+        # make the server buffer streams x message bytes, so both are capped (docs/design.md)
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_s)),
@@ -179,8 +181,7 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # the server pings idle connections to find dead peers
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        # flow-control windows stay at 64 KiB per stream: a client holding unfinished streams open
-        # pins at most that much each (BDP probing would grow them towards megabytes)
+        # no BDP probing: windows are not grown beyond what a message needs
         ("grpc.http2.bdp_probe", 0),
         ("grpc.so_reuseport", 0),
     ]

@@ -64,6 +64,7 @@ VALUE_SETTINGS = {
     "idleTimeoutSeconds": "idle_timeout_s", "headerTimeoutSeconds": "header_timeout_s",
     "bodyTimeoutSeconds": "body_timeout_s", "docs": "docs", "logFormat": "log_format", "accessLog": "access_log",
     "otlpEndpoint": "otlp_endpoint", "drainGraceSeconds": "drain_grace_s",
+    "grpc.maxMessageBytes": "grpc_max_message_bytes",
     "grpc.maxConcurrentStreams": "grpc_max_concurrent_streams",
     "grpc.maxConnectionIdleSeconds": "grpc_max_connection_idle_s",
     "grpc.maxConnectionAgeSeconds": "grpc_max_connection_age_s",
