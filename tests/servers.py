@@ -67,9 +67,13 @@ def start_server(repo: Path, *extra: str, command: Sequence[str] = SERVE, env: d
         process.kill()
         raise RuntimeError("server did not start:\n" + "".join(lines))
     server = Server(process, url, grpc_target, lines)
-    while time.monotonic() < deadline:
-        if server.http.get("/v2/health/ready").status_code == 200:
-            return server
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if server.http.get("/v2/health/ready").status_code == 200:
+                return server
+            time.sleep(0.1)
+    except httpx.HTTPError:
+        process.kill()  # never leave a server behind
+        raise
     process.kill()
-    raise RuntimeError("server never became ready")
+    raise RuntimeError("server never became ready:\n" + server.output())

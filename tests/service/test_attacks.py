@@ -614,6 +614,8 @@ def test_api_key_guards_inference_and_never_leaks(repo: Path) -> None:
         s.stop()
     log = s.output()
     assert "REST on " in log  # the whole output, from its first line
+    assert log.count(" 401 ") >= 3 * len(INFERENCE_ROUTES)  # the refusals were logged: the check below is not vacuous
+    assert "UNAUTHENTICATED" in log and "drained; bye" in log
     assert API_KEY not in log
 
 
