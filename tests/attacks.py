@@ -10,12 +10,16 @@ Every loop is bounded in count and in time: a protection that is missing makes a
 * ``ConnectionHerd``: many raw TCP connections that stay idle or drip request headers (slowloris),
   and when the peer closed each of them.
 * ``raise_nofile_limit``: room for thousands of sockets (the server subprocess inherits the limit).
+* ``record``: one row of docs/reliability.md (what a test sent, expected and measured), written when
+  ``bench/reliability.py`` runs the attack tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import os
 import resource
 import selectors
 import socket
@@ -34,6 +38,24 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import httpx
+
+# ---------------------------------------------------------------- the reliability table
+
+RELIABILITY_OUT = "SAMPSERVE_RELIABILITY_OUT"
+
+
+def record(test: str, attack: str, expected: str, measured: str) -> None:
+    """Append one row (a JSON line) to the file named by $SAMPSERVE_RELIABILITY_OUT; nothing when it is
+    unset. ``node`` is the running pytest item (from PYTEST_CURRENT_TEST), which the row's outcome is
+    looked up by. Call it before the assertions, so that a failing run still shows what it measured."""
+    out = os.environ.get(RELIABILITY_OUT)
+    if not out:
+        return
+    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    row = {"node": node, "test": test, "attack": attack, "expected": expected, "measured": measured}
+    with open(out, "a", encoding="utf-8") as rows:
+        rows.write(json.dumps(row) + "\n")
+
 
 # ---------------------------------------------------------------- process resources
 

@@ -16,7 +16,9 @@ The attacks, by test:
 - unservable_model_folders / strict_readiness: a broken or empty model folder appearing under load.
 
 The hostile clients live in tests/attacks.py; the plugin runtime that hangs in
-tests/service/hanging_runtime.py.
+tests/service/hanging_runtime.py. Each test also records what it sent, what it asserts and what it
+measured (``tests.attacks.record``, before its assertions), which ``python bench/reliability.py``
+turns into docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.errors
 import httpx
 import numpy as np
 import pytest
@@ -62,6 +65,7 @@ from tests.attacks import (
     open_idle_connections,
     raise_nofile_limit,
     raw_grpc_call,
+    record,
     slow_header_clients,
     split_target,
 )
@@ -188,13 +192,17 @@ def infer_request(model: str = "emb", texts: tuple[str, ...] = ("commit your cha
         contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]))], **fields)
 
 
+def grpc_call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """One call, ``method(*args, **kwargs)``: its status code name and its reply (None unless OK)."""
+    try:
+        return "OK", method(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return str(exc.code().name), None
+
+
 def grpc_code(method: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     """The status code name of one call: ``method(*args, **kwargs)``."""
-    try:
-        method(*args, **kwargs)
-    except grpc.RpcError as exc:
-        return str(exc.code().name)
-    return "OK"
+    return grpc_call(method, *args, **kwargs)[0]
 
 
 def triton_infer(target: str, timeout_s: float = 5.0) -> float:
@@ -245,6 +253,27 @@ def get_status(client: httpx.Client, path: str) -> int | str:
         return type(exc).__name__
 
 
+# ---------------------------------------------------------------- measurements, as docs/reliability.md shows them
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    return f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+TIMES = "\u00d7"  # the multiplication sign
+
+
+def tally(counts: Mapping[Any, int]) -> str:
+    """Each outcome with how often it came: '404x48, 414x2' (with the multiplication sign)."""
+    return ", ".join(f"{outcome}{TIMES}{n}" for outcome, n in counts.items()) or "none"
+
+
+def probes(poller: LivenessPoller) -> str:
+    return (f"{len(poller.latencies)} probes, max {ms(poller.max_latency)}, "
+            f"{len(poller.failures)} failed{f' (first {poller.failures[:3]})' if poller.failures else ''}")
+
+
 # ---------------------------------------------------------------- a. unknown names
 
 
@@ -272,12 +301,23 @@ def test_unknown_model_names_cost_nothing(repo: Path) -> None:
             metrics = s.http.get("/metrics", timeout=10)
         except httpx.TimeoutException:
             pytest.fail("/metrics took over 10 s to render")
+    labels = {re.sub(r"\\(.)", r"\1", v) for v in re.findall(r'[{,]model="((?:[^"\\]|\\.)*)"', metrics.text)}
+    got = {kind: tally({code: n for (k, code), n in codes.items() if k == kind})
+           for kind in ("/v1/embeddings", "v2 url", "ModelInfer")}
+    shown = ", ".join(sorted(v if len(v) < 40 else v[:37] + "..." for v in labels))
+    record("unknown_model_names",
+           "200 requests naming random models and versions: 1 MB names in REST bodies (50), ~8 KB URLs (50), "
+           "1 MB names and versions in gRPC fields (100)",
+           "404 each (URLs: 404 or 414) / NOT_FOUND each; /metrics < 256 KB, model labels only emb, topics "
+           "and at most one other (< 32 chars); readiness never fails, max < 100 ms",
+           f"bodies {got['/v1/embeddings']}; URLs {got['v2 url']}; gRPC {got['ModelInfer']}; /metrics "
+           f"{metrics.status_code}, {len(metrics.content) / 1024:.0f} KB, labels {{{shown}}}; "
+           f"readiness {probes(ready)}")
     assert codes["/v1/embeddings", 404] == 50, codes
     # 404, or 414 URI Too Long where the HTTP server caps request lines (only these ~8 KB URLs may get it)
     assert codes["v2 url", 404] + codes["v2 url", 414] == 50, codes
     assert codes["ModelInfer", "NOT_FOUND"] == 100, codes
     assert metrics.status_code == 200 and len(metrics.content) < 256 * 1024, len(metrics.content)
-    labels = {re.sub(r"\\(.)", r"\1", v) for v in re.findall(r'[{,]model="((?:[^"\\]|\\.)*)"', metrics.text)}
     extra = labels - SERVED
     assert len(extra) <= 1 and all(len(v) < 32 for v in extra), sorted(v[:40] for v in extra)[:5]
     # ready answers within 100 ms throughout (the client threads share the 2 cores with the server)
@@ -361,6 +401,12 @@ def test_oversized_inputs_are_refused_early_and_cheaply(repo: Path) -> None:
         with RssSampler(s.pid) as rss:
             announced = upload(host, port, 64 * MB)
             chunked = upload(host, port, 64 * MB, chunked=True)
+        record("oversized_inputs", "a 64 MB REST body, twice: announced in Content-Length, and chunked (no size "
+               "up front)", "413 each, answered before 24 MB were sent (the 4 MB cap plus socket buffers); "
+               "server RSS growth < 50 MB",
+               f"{announced.status} after {announced.sent_before_answer / MB:.1f} MB (Content-Length), "
+               f"{chunked.status} after {chunked.sent_before_answer / MB:.1f} MB (chunked); "
+               f"RSS +{rss.growth / MB:.1f} MB (peak {rss.peak / MB:.0f} MB)")
         for big in (announced, chunked):
             assert big.status == 413, big
             # answered after the 4 MB cap plus what loopback socket buffers hold, long before 64 MB
@@ -372,6 +418,9 @@ def test_oversized_inputs_are_refused_early_and_cheaply(repo: Path) -> None:
             assert http.get("/v2/health/live").status_code == 200  # a warm connection: time the request only
             fastest, replies = best_of(3, lambda: http.post("/v1/embeddings", content=text_body,
                                                               headers={"content-type": "application/json"}))
+        record("oversized_inputs", "one 3 MB text in a JSON body (REST), 3 times",
+               "400 each (refused before tokenizing), the fastest < 50 ms",
+               f"{tally(Counter(r.status_code for r in replies))}; fastest {ms(fastest)}")
         assert [r.status_code for r in replies] == [400] * 3, [r.text[:200] for r in replies]
         assert fastest < 0.05, f"3 MB text refused in {fastest * 1000:.1f} ms"
 
@@ -380,8 +429,13 @@ def test_oversized_inputs_are_refused_early_and_cheaply(repo: Path) -> None:
             pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)  # connected
             raw = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: no client-side serializing timed
             fastest, codes = best_of(3, lambda: grpc_code(raw, empties, timeout=10))
+        record("oversized_inputs", "a gRPC ModelInfer tensor of 1,000,000 empty strings (serialized up front), 3 times",
+               "INVALID_ARGUMENT each (refused from its shape), the fastest < 50 ms",
+               f"{tally(Counter(codes))}; fastest {ms(fastest)}")
         assert codes == ["INVALID_ARGUMENT"] * 3, codes
         assert fastest < 0.05, f"a million empty elements refused in {fastest * 1000:.1f} ms"
+    record("oversized_inputs", "liveness probes (every 50 ms, one keep-alive connection) throughout the three above",
+           "no failed probe, max < 200 ms", probes(live))
     assert not live.failures and live.max_latency < 0.2, live.summary()
 
 
@@ -395,15 +449,19 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
     with serving(repo) as s, RssSampler(s.pid) as rss, TritonProbe(s.grpc_target) as probe:
         host, port = s.grpc_addr
         flooders: list[RawH2] = []
-        opened = 0
+        opened_each: list[int] = []
         try:
             for _ in range(16):
                 conn = RawH2(host, port, timeout_s=5)
                 flooders.append(conn)
                 # 768 KB per stream at most: 1.5 GB if the server let it all in, above the 1 GiB bound
-                opened += len(conn.send_partial_messages(128, announce=4_000_000, max_bytes_per_stream=768 * 1024,
-                                                         max_seconds=3))
+                opened_each.append(len(conn.send_partial_messages(128, announce=4_000_000,
+                                                                  max_bytes_per_stream=768 * 1024, max_seconds=3)))
+            opened = sum(opened_each)
             sent = sum(sum(c.sent.values()) for c in flooders)
+            # what the server let into one stream: the two limits, seen apart (each alone would keep RSS
+            # under the bound here, so RSS cannot tell that one of them went missing)
+            per_stream = max((max(c.sent.values(), default=0) for c in flooders), default=0)
             for _ in range(5):
                 for conn in flooders:
                     conn.ping_flood(200, max_seconds=1)
@@ -416,11 +474,35 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
             for conn in flooders:
                 conn.close()
         after = triton_infer(s.grpc_target)
+    goaways = Counter(h2_error(c.goaway) for c in flooders if c.goaway is not None)
+    record("grpc_stream_and_ping_floods",
+           "16 raw HTTP/2 connections, each opening 128 calls that announce a 4 MB message and send up to 768 KB "
+           "of it, never finishing; then 5 rounds of 200 PINGs per connection",
+           "at most 64 calls per connection, at most 256 KB accepted per stream (the announced 4 MB exceeds the "
+           "3 MiB gRPC message cap); server peak RSS < 1 GiB; every flooder gets GOAWAY or is closed; a stock "
+           "client's inference every 250 ms (at least 3) never fails and each < 1 s, one after < 1 s",
+           f"{opened} calls opened, at most {max(opened_each)} per connection "
+           f"({sum(c.refused_locally for c in flooders)} more held back by the server's stream limit), at most "
+           f"{per_stream / 1024:.0f} KB accepted per stream, {sent / MB:.0f} MB of partial messages and "
+           f"{sum(c.pings_sent for c in flooders)} PINGs sent; peak RSS {rss.peak / MB:.0f} MB "
+           f"(from {rss.baseline / MB:.0f} MB); flooders {tally(outcome)}, GOAWAY codes {tally(goaways)}; "
+           f"stock client {len(probe.latencies)} calls, max {ms(max(probe.latencies, default=0.0))}, "
+           f"{len(probe.failures)} failed, after {ms(after)}")
     assert opened >= 16, opened
+    assert max(opened_each) <= 64, opened_each  # SETTINGS_MAX_CONCURRENT_STREAMS (grpc_max_concurrent_streams)
+    assert per_stream <= 256 * 1024, per_stream  # refused from the prefix, not buffered (grpc_max_message_bytes)
     assert rss.peak < 1024 * MB, f"peak RSS {rss.peak / MB:.0f} MB after {sent / MB:.0f} MB of partial messages"
     assert outcome["open"] == 0, outcome
     assert len(probe.latencies) >= 3 and not probe.failures, probe.failures[:5]
     assert max(probe.latencies) < 1.0 and after < 1.0, (max(probe.latencies), after)
+
+
+def h2_error(code: int) -> str:
+    """An HTTP/2 error code's name (ENHANCE_YOUR_CALM for 11), or the number."""
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
 
 
 def test_grpc_gzip_requests_are_served(server: Server) -> None:
@@ -428,6 +510,8 @@ def test_grpc_gzip_requests_are_served(server: Server) -> None:
     texts = ("commit your changes before merging",) * 64
     with grpc.insecure_channel(server.grpc_target, compression=grpc.Compression.Gzip) as channel:
         reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(texts=texts), timeout=30)
+    record("grpc_gzip", "a gzip-compressed ModelInfer of 64 texts (stock grpcio channel)", "answered: 64 embeddings",
+           f"OK, {reply.outputs[0].shape[0] if reply.outputs else 'no'} embeddings")
     assert reply.outputs[0].shape[0] == 64
 
 
@@ -436,10 +520,14 @@ def test_raw_h2_client_speaks_grpc(server: Server) -> None:
     attacks a server that would have answered it)."""
     host, port = split_target(server.grpc_target)
     result = raw_grpc_call(host, port, MODEL_INFER, infer_request().SerializeToString())
-    assert result.status == 0, result
-    reply = pb.ModelInferResponse.FromString(result.replies[0])
-    assert reply.model_name == "emb" and reply.outputs[0].shape[0] == 1
     bad = raw_grpc_call(host, port, MODEL_INFER, infer_request("no-such-model").SerializeToString())
+    reply = pb.ModelInferResponse.FromString(result.replies[0]) if result.replies else pb.ModelInferResponse()
+    record("raw_h2_client", "the harness's own HTTP/2 client: a unary ModelInfer for emb, then for an unknown model",
+           "status 0 with model emb and 1 row; NOT_FOUND (5)",
+           f"status {result.status}, model {reply.model_name or '-'}, "
+           f"{reply.outputs[0].shape[0] if reply.outputs else 0} row(s); unknown model: status {bad.status}")
+    assert result.status == 0, result
+    assert reply.model_name == "emb" and reply.outputs[0].shape[0] == 1
     assert bad.status == grpc.StatusCode.NOT_FOUND.value[0], bad
 
 
@@ -483,13 +571,21 @@ def test_tls_on_both_ports(repo: Path, pki: Pki) -> None:
     s = launch_tls(repo, "--tls-cert-file", str(pki.cert_file), "--tls-key-file", str(pki.key_file),
                    "--drain-grace-s", "2", tls=pki.context())
     try:
-        assert s.url.startswith("https://")
         reply = s.http.post("/v1/embeddings", json={"model": "emb", "input": "hello"})
-        assert reply.status_code == 200, reply.text
         with pki.channel(s.grpc_target) as channel:
-            assert pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(), timeout=10).outputs
-        with pytest.raises(httpx.TransportError):  # no cleartext on the TLS port
-            httpx.get(f"http://{s.http_addr[0]}:{s.http_addr[1]}/v2/health/live", timeout=5)
+            code, inferred = grpc_call(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer, infer_request(),
+                                       timeout=10)
+        with httpx.Client(timeout=5) as plain:  # no cleartext on the TLS port: a transport error, not a status
+            cleartext = get_status(plain, f"http://{s.http_addr[0]}:{s.http_addr[1]}/v2/health/live")
+        record("tls_on_both_ports", "REST port: POST /v1/embeddings over HTTPS (server verified against the CA), "
+               "then plain HTTP to the same port", "200 over HTTPS; plain HTTP refused (a transport error)",
+               f"{s.url.split('://')[0]} {reply.status_code}; plain HTTP: {cleartext}")
+        record("tls_on_both_ports", "gRPC port: ModelInfer over TLS (server verified against the CA)",
+               "OK with outputs", f"{code}, {len(inferred.outputs) if inferred else 0} output(s)")
+        assert s.url.startswith("https://")
+        assert reply.status_code == 200, reply.text
+        assert code == "OK" and inferred.outputs, code
+        assert isinstance(cleartext, str), cleartext
     finally:
         s.stop()
 
@@ -500,17 +596,31 @@ def test_mutual_tls_refuses_clients_without_a_certificate_on_both_ports(repo: Pa
     s = launch_tls(repo, "--tls-cert-file", str(pki.cert_file), "--tls-key-file", str(pki.key_file),
                    "--tls-client-ca-file", str(pki.ca_file), "--drain-grace-s", "2", tls=pki.context(pki.client))
     try:
-        assert s.http.post("/v1/embeddings", json={"model": "emb", "input": "hello"}).status_code == 200
+        reply = s.http.post("/v1/embeddings", json={"model": "emb", "input": "hello"})
         with pki.channel(s.grpc_target, pki.client) as channel:
-            assert pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(), timeout=10).outputs
-        for client in (None, pki.stranger):
-            with pytest.raises(httpx.TransportError), \
-                    httpx.Client(base_url=s.url, timeout=5, verify=pki.context(client)) as anonymous:
-                anonymous.get("/v2/health/live")  # refused at the handshake: not even health
+            code, inferred = grpc_call(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer, infer_request(),
+                                       timeout=10)
+        refused_rest: dict[str, int | str] = {}
+        refused_grpc: dict[str, str] = {}
+        for name, client in (("none", None), ("another CA's", pki.stranger)):
+            with httpx.Client(base_url=s.url, timeout=5, verify=pki.context(client)) as anonymous:
+                # refused at the handshake: not even health (a transport error, not a status)
+                refused_rest[name] = get_status(anonymous, "/v2/health/live")
             with pki.channel(s.grpc_target, client) as channel:
-                code = grpc_code(pb_grpc.GRPCInferenceServiceStub(channel).ServerLive, pb.ServerLiveRequest(),
-                                 timeout=5)
-            assert code == "UNAVAILABLE", code
+                refused_grpc[name] = grpc_code(pb_grpc.GRPCInferenceServiceStub(channel).ServerLive,
+                                               pb.ServerLiveRequest(), timeout=5)
+        record("mutual_tls", "REST port: POST /v1/embeddings with a client certificate the CA signed; "
+               "GET /v2/health/live with none, and with another CA's",
+               "200 with it; without, the handshake refused (a transport error), even for health",
+               f"with it {reply.status_code}; " + "; ".join(f"{k}: {v}" for k, v in refused_rest.items()))
+        record("mutual_tls", "gRPC port: ModelInfer with the client certificate; ServerLive with none, and "
+               "with another CA's", "OK with it; UNAVAILABLE (handshake refused) without",
+               f"with it {code}; " + "; ".join(f"{k}: {v}" for k, v in refused_grpc.items()))
+        assert reply.status_code == 200
+        assert code == "OK" and inferred.outputs, code
+        for name in refused_rest:
+            assert isinstance(refused_rest[name], str), (name, refused_rest[name])
+            assert refused_grpc[name] == "UNAVAILABLE", (name, refused_grpc[name])
     finally:
         s.stop()
 
@@ -559,11 +669,24 @@ def test_idle_and_slow_connections_are_closed_and_the_server_keeps_working(priva
         finally:
             for _, herd in herds:
                 herd.close()
-        assert get_status(s.http, "/v2/health/live") == 200
+        live_after = get_status(s.http, "/v2/health/live")
     log = s.output()
+    emfile = "Too many open files" in log or "EMFILE" in log
+    record("idle_and_slow_connections",
+           "on each port: 2,000 TCP connections that send nothing and 200 slowloris clients (HTTP/1.1 headers, "
+           "or the HTTP/2 preface, one byte a second); idle, header and handshake timeouts 2 s",
+           f"every connection closed by the server within {2 + margin:.0f} s (2 s + {margin:.0f} s margin); "
+           "no EMFILE in the server's output",
+           "; ".join(f"{name} {herd.closed_count}/{len(herd.socks)} closed by {late[name]:.1f} s"
+                     + (f" ({herd.failed} never connected)" if herd.failed else "") for name, herd in herds)
+           + f"; EMFILE {'logged' if emfile else 'never logged'}")
+    record("idle_and_slow_connections", "meanwhile: a new emb version published; liveness probed every 50 ms",
+           "the new version served within 20 s; liveness never fails, max < 1 s (and 200 after)",
+           f"version {new} {'served' if loaded else 'never served'}; liveness {probes(live)}, {live_after} after")
+    assert live_after == 200
     assert not any(still_open.values()), report
     assert all(t <= 2 + margin for t in late.values()), report
-    assert "Too many open files" not in log and "EMFILE" not in log
+    assert not emfile
     assert loaded, f"version {new} never served"
     assert not live.failures and live.max_latency < 1.0, live.summary()
 
@@ -587,17 +710,21 @@ def test_api_key_guards_inference_and_never_leaks(repo: Path) -> None:
     UNAUTHENTICATED without it or with a wrong one), health stays open for probes, and the key never
     reaches the server's output (startup lines, access log, errors)."""
     s = Served(start_server(repo, "--api-key", API_KEY, cwd=ROOT))
+    refused: list[tuple[str, dict[str, str], int, str]] = []  # (path, headers, status, body) without a valid key
+    accepted: list[tuple[str, int, str]] = []  # (path, status, body) with the key
+    health: dict[str, int] = {}
+    unauthenticated: list[tuple[str, tuple[tuple[str, str], ...], str]] = []  # (method, metadata, code)
+    authenticated: dict[str, str] = {}
     try:
         http = s.http
         for path, body in INFERENCE_ROUTES:
             for headers in ({}, {"authorization": "Bearer wrong-key"}, {"authorization": API_KEY}):
-                refused = http.post(path, json=body, headers=headers)
-                assert refused.status_code == 401, (path, headers, refused.status_code)
-                assert isinstance(refused.json(), dict), refused.text
-            accepted = http.post(path, json=body, headers=AUTH)
-            assert accepted.status_code == 200, (path, accepted.text[:300])
+                reply = http.post(path, json=body, headers=headers)
+                refused.append((path, headers, reply.status_code, reply.text))
+            reply = http.post(path, json=body, headers=AUTH)
+            accepted.append((path, reply.status_code, reply.text[:300]))
         for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/emb/ready", "/metrics"):
-            assert http.get(path).status_code == 200, path  # probes and scrapers need no key
+            health[path] = http.get(path).status_code  # probes and scrapers need no key
         with grpc.insecure_channel(s.grpc_target) as channel:
             infer = pb_grpc.GRPCInferenceServiceStub(channel)
             embed = tasks_grpc.TasksStub(channel).Embed
@@ -606,13 +733,40 @@ def test_api_key_guards_inference_and_never_leaks(repo: Path) -> None:
                                                timeout=10)}
             for name, call in calls.items():
                 for metadata in ((), (("authorization", "Bearer wrong-key"),)):
-                    assert grpc_code(call, metadata) == "UNAUTHENTICATED", (name, metadata)
-                assert grpc_code(call, (("authorization", f"Bearer {API_KEY}"),)) == "OK", name
-            assert infer.ServerLive(pb.ServerLiveRequest(), timeout=10).live
-            assert infer.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+                    unauthenticated.append((name, metadata, grpc_code(call, metadata)))
+                authenticated[name] = grpc_code(call, (("authorization", f"Bearer {API_KEY}"),))
+            live = grpc_call(infer.ServerLive, pb.ServerLiveRequest(), timeout=10)[1]
+            ready = grpc_call(infer.ServerReady, pb.ServerReadyRequest(), timeout=10)[1]
     finally:
         s.stop()
     log = s.output()
+    record("api_key", f"{len(INFERENCE_ROUTES)} REST inference routes and 2 gRPC methods without the key, with a "
+           "wrong one, with it not as a Bearer token (REST); then with it; health, readiness and /metrics without",
+           "401 (JSON error) / UNAUTHENTICATED without a valid key, 200 / OK with it; health, readiness, "
+           "/metrics, ServerLive and ServerReady answer without",
+           f"REST without {tally(Counter(r[2] for r in refused))}, with {tally(Counter(a[1] for a in accepted))}; "
+           f"gRPC without {tally(Counter(u[2] for u in unauthenticated))}, "
+           f"with {tally(Counter(authenticated.values()))}; "
+           f"health and /metrics {tally(Counter(health.values()))}; ServerLive {bool(live and live.live)}, "
+           f"ServerReady {bool(ready and ready.ready)}")
+    record("api_key", "the key in the server's whole output (startup lines, access log, errors, shutdown)",
+           "absent; the refusals logged (a 401 line per REST refusal, UNAUTHENTICATED), output to 'drained; bye'",
+           f"key {log.count(API_KEY)} times in {len(log.splitlines())} lines; {log.count(' 401 ')} lines with 401, "
+           f"UNAUTHENTICATED {'logged' if 'UNAUTHENTICATED' in log else 'not logged'}, 'drained; bye' "
+           f"{'present' if 'drained; bye' in log else 'missing'}")
+    for path, headers, status, text in refused:
+        assert status == 401, (path, headers, status)
+        assert isinstance(json.loads(text), dict), text
+    for path, status, text in accepted:
+        assert status == 200, (path, text)
+    for path, status in health.items():
+        assert status == 200, path
+    for name, metadata, code in unauthenticated:
+        assert code == "UNAUTHENTICATED", (name, metadata)
+    for name, code in authenticated.items():
+        assert code == "OK", name
+    assert live and live.live
+    assert ready and ready.ready
     assert "REST on " in log  # the whole output, from its first line
     assert log.count(" 401 ") >= 3 * len(INFERENCE_ROUTES)  # the refusals were logged: the check below is not vacuous
     assert "UNAUTHENTICATED" in log and "drained; bye" in log
@@ -645,20 +799,36 @@ def test_a_hung_runtime_fails_its_calls_flips_liveness_and_does_not_block_exit(p
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(timed_post, s.url, "/v1/embeddings", embed, 10)
             time.sleep(0.2)
-            assert http.post("/v1/classify", json=classify).status_code == 200  # another model keeps serving
+            others = [http.post("/v1/classify", json=classify).status_code]  # another model keeps serving
             status, seconds = first.result()
+            record("hung_runtime", "an emb call into a runtime that never returns (--runtime-timeout-s 1); "
+                   "meanwhile a topics call", "504 within 3 s; topics 200",
+                   f"{status} after {seconds:.2f} s; topics {others[0]}")
+            assert others[0] == 200, others
             assert status == 504 and seconds < 3.0, (status, seconds)
             # a second call for the wedged runtime: whether it reaches one (and hangs) or waits for an
             # instance that cannot come, two calls stuck past the timeout must make the process unlive
             second = pool.submit(timed_post, s.url, "/v1/embeddings", embed, 12)
             time.sleep(0.2)
-            assert http.post("/v1/classify", json=classify).status_code == 200
+            others.append(http.post("/v1/classify", json=classify).status_code)
+            start = time.monotonic()
             unlive = wait_for(lambda: get_status(http, "/v2/health/live") == 503, timeout_s=5)
+            unlive_after = time.monotonic() - start
             live_then = get_status(http, "/v2/health/live")
             flag.unlink()
+            start = time.monotonic()
             relive = wait_for(lambda: get_status(http, "/v2/health/live") == 200, timeout_s=5)
+            relive_after = time.monotonic() - start
             serves = wait_for(lambda: http.post("/v1/embeddings", json=embed).status_code == 200, timeout_s=5)
             second.result()
+        record("hung_runtime", "a second emb call stuck (--max-hung-calls 2); then the runtime released",
+               "liveness 503 within 5 s, topics 200 meanwhile; once released, liveness 200 and emb served "
+               "again within 5 s each",
+               (f"liveness 503 after {unlive_after:.1f} s" if unlive else f"liveness still {live_then} after 5 s")
+               + f", topics {others[1]}; released: liveness "
+               + (f"200 after {relive_after:.1f} s" if relive else "not 200 in 5 s")
+               + f", emb {'served' if serves else 'not served'}")
+        assert others[1] == 200, others
         assert unlive, f"/v2/health/live still {live_then} with two calls stuck"
         assert relive and serves, (relive, serves)
         flag.touch()  # SIGTERM with a call stuck in the runtime
@@ -670,6 +840,11 @@ def test_a_hung_runtime_fails_its_calls_flips_liveness_and_does_not_block_exit(p
         with suppress(subprocess.TimeoutExpired):
             s.server.process.wait(timeout=15)
         exited_after = time.monotonic() - start
+        code = s.server.process.poll()
+        record("hung_runtime", "SIGTERM with an emb call stuck in the runtime (--drain-grace-s 2)",
+               "the process exits within 10 s",
+               f"exited (code {code}) after {exited_after:.1f} s" if code is not None
+               else f"still running {exited_after:.1f} s after SIGTERM")
         assert s.server.process.poll() is not None and exited_after < 10, f"running {exited_after:.1f} s after SIGTERM"
     finally:
         with suppress(FileNotFoundError):
@@ -677,6 +852,42 @@ def test_a_hung_runtime_fails_its_calls_flips_liveness_and_does_not_block_exit(p
         s.stop(5)
         if s.server.process.poll() is None:
             s.server.process.kill()
+
+
+def test_sigterm_exits_within_the_drain_bound_with_a_call_stuck_past_it(private_repo: Path, tmp_path: Path) -> None:
+    """Fault: a runtime call stuck far longer than the drain grace (runtime timeout 60 s, grace 1 s).
+    The watchdog ends the process drain_grace_s + 5 s after SIGTERM (exit status 3), so an
+    orchestrator's stop never waits on a native call that will not return."""
+    config_path = private_repo / "emb" / MODEL_CONFIG_FILE
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "runtime": "hanging"}))
+    flag = tmp_path / "hang"
+    server = start_server(private_repo, "--plugins", "tests.service.hanging_runtime", "--runtime-timeout-s", "60",
+                          "--instances", "1", "--drain-grace-s", "1", env={"SAMPSERVE_TEST_HANG_FLAG": str(flag)},
+                          cwd=ROOT)
+    try:
+        flag.touch()
+        stuck = threading.Thread(target=timed_post, args=(server.url, "/v1/embeddings", {"model": "emb",
+                                                                                        "input": "x"}, 30),
+                                 daemon=True)
+        stuck.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=15)
+        exited_after = time.monotonic() - start
+        code = server.process.poll()
+        record("drain_bound", "SIGTERM while an emb call is stuck in the runtime (--runtime-timeout-s 60, "
+               "--drain-grace-s 1)", "exit within 1 + 5 s (+2 s margin), status 3 from the watchdog",
+               f"exited (code {code}) after {exited_after:.1f} s" if code is not None
+               else f"still running {exited_after:.1f} s after SIGTERM")
+        assert code == 3 and 5.5 < exited_after < 8.0, (code, exited_after)
+        assert "drain did not finish within 6s" in server.output()
+    finally:
+        with suppress(FileNotFoundError):
+            flag.unlink()
+        if server.process.poll() is None:
+            server.process.kill()
 
 
 def timed_post(url: str, path: str, body: dict[str, Any], timeout_s: float) -> tuple[int | str, float]:
@@ -749,8 +960,18 @@ def test_unservable_model_folders_do_not_disturb_serving(private_repo: Path) -> 
                 replies[name] = s.http.get(f"/v2/models/{name}/ready")
             return all(r.status_code == 503 and _reason(r) for r in replies.values())
 
+        start = time.monotonic()
         settled = wait_for(both_refused, timeout_s=10, period_s=0.2)
+        settled_after = time.monotonic() - start
         time.sleep(1.0)  # a few more polls of the repository under load
+    record("unservable_model_folders", "under load (4 REST clients embedding with emb): a model folder with no "
+           "version and one whose config is not JSON appear (--poll-interval-s 0.2)",
+           "each bad model's readiness 503 with a reason within 10 s; every embed 200 (more than 20); server "
+           "readiness never fails",
+           "; ".join(f"{name} {r.status_code} '{_reason(r).replace(str(private_repo), 'repo')[:160]}'"
+                     for name, r in replies.items())
+           + (f" (after {settled_after:.1f} s)" if settled else " (not both within 10 s)")
+           + f"; embeds {tally(load.codes)}; readiness {probes(ready)}")
     assert settled, {name: (r.status_code, r.text[:300]) for name, r in replies.items()}
     assert set(load.codes) == {200} and load.codes[200] > 20, load.codes
     assert not ready.failures, ready.summary()
@@ -760,6 +981,14 @@ def test_strict_readiness_counts_unservable_model_folders(private_repo: Path) ->
     """With --strict-readiness true, server readiness requires every model in the repository: the
     same two folders turn /v2/health/ready to 503."""
     with serving(private_repo, "--strict-readiness", "true", "--poll-interval-s", "0.2") as s:
-        assert s.http.get("/v2/health/ready").status_code == 200
+        before = get_status(s.http, "/v2/health/ready")
         _add_unservable_models(private_repo)
-        assert wait_for(lambda: get_status(s.http, "/v2/health/ready") == 503, timeout_s=10)
+        start = time.monotonic()
+        flipped = wait_for(lambda: get_status(s.http, "/v2/health/ready") == 503, timeout_s=10)
+        flipped_after = time.monotonic() - start
+        record("strict_readiness", "--strict-readiness true: the same two unservable folders appear",
+               "server readiness 200 before, 503 within 10 s",
+               f"{before} before; " + (f"503 after {flipped_after:.1f} s" if flipped
+                                       else f"still {get_status(s.http, '/v2/health/ready')} after 10 s"))
+        assert before == 200
+        assert flipped
