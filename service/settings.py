@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="REST: a request body not received in full by then gets 408.")
     grpc_max_message_bytes: int = Field(3 * 1024 * 1024, ge=1024, description=(
         "gRPC: larger messages are refused (RESOURCE_EXHAUSTED) from their length prefix, before they arrive."))
-    grpc_max_concurrent_streams: int = Field(64, ge=1, description=(
+    grpc_max_concurrent_streams: int = Field(128, ge=1, description=(
         "gRPC: calls in flight per connection; with grpc_max_message_bytes it bounds what one connection "
         "can make the server buffer."))
     grpc_max_connection_idle_s: float = Field(300.0, gt=0, description="gRPC: idle connections get GOAWAY after this.")

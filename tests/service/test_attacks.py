@@ -462,6 +462,7 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
             # what the server let into one stream: the two limits, seen apart (each alone would keep RSS
             # under the bound here, so RSS cannot tell that one of them went missing)
             per_stream = max((max(c.sent.values(), default=0) for c in flooders), default=0)
+            advertised = {c.conn.remote_settings.max_concurrent_streams for c in flooders}
             for _ in range(5):
                 for conn in flooders:
                     conn.ping_flood(200, max_seconds=1)
@@ -478,10 +479,10 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
     record("grpc_stream_and_ping_floods",
            "16 raw HTTP/2 connections, each opening 128 calls that announce a 4 MB message and send up to 768 KB "
            "of it, never finishing; then 5 rounds of 200 PINGs per connection",
-           "at most 64 calls per connection, at most 256 KB accepted per stream (the announced 4 MB exceeds the "
+           "the server advertises 128 streams per connection, at most 256 KB accepted per stream (the announced 4 MB exceeds the "
            "3 MiB gRPC message cap); server peak RSS < 1 GiB; every flooder gets GOAWAY or is closed; a stock "
            "client's inference every 250 ms (at least 3) never fails and each < 1 s, one after < 1 s",
-           f"{opened} calls opened, at most {max(opened_each)} per connection "
+           f"{opened} calls opened, at most {max(opened_each)} per connection (advertised {sorted(advertised)}) "
            f"({sum(c.refused_locally for c in flooders)} more held back by the server's stream limit), at most "
            f"{per_stream / 1024:.0f} KB accepted per stream, {sent / MB:.0f} MB of partial messages and "
            f"{sum(c.pings_sent for c in flooders)} PINGs sent; peak RSS {rss.peak / MB:.0f} MB "
@@ -489,7 +490,7 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
            f"stock client {len(probe.latencies)} calls, max {ms(max(probe.latencies, default=0.0))}, "
            f"{len(probe.failures)} failed, after {ms(after)}")
     assert opened >= 16, opened
-    assert max(opened_each) <= 64, opened_each  # SETTINGS_MAX_CONCURRENT_STREAMS (grpc_max_concurrent_streams)
+    assert advertised == {128} and max(opened_each) <= 128, (advertised, opened_each)  # grpc_max_concurrent_streams
     assert per_stream <= 256 * 1024, per_stream  # refused from the prefix, not buffered (grpc_max_message_bytes)
     assert rss.peak < 1024 * MB, f"peak RSS {rss.peak / MB:.0f} MB after {sent / MB:.0f} MB of partial messages"
     assert outcome["open"] == 0, outcome
