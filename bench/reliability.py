@@ -41,6 +41,13 @@ is removed; the bounds it asserts (the *expected* column) leave room for a share
 *Measured* is what this run saw, recorded by each test before its assertions; *result* is the
 test's outcome (a test with several rows checks several things, and its result covers them all).
 This page is generated; change the tests or `bench/reliability.py`, not the page.
+
+What these protections cost in speed is measured with them on, by `python bench/serve.py` (serving
+under the model, gRPC against REST, MLServer beside) and `python bench/transport_cost.py` (what
+each port's edge costs per call): both in docs/benchmarks.md, with the machine they ran on.
+Other tests guard the rest of the contract: malformed JSON and protobuf
+(`tests/service/test_hostile_inputs.py`), overload, deadlines and hang-ups
+(`tests/service/test_grpc_load.py`, `tests/service/test_lifecycle.py`).
 """
 
 
