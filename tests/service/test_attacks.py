@@ -479,9 +479,10 @@ def test_grpc_stream_and_ping_floods_are_cut_off(repo: Path) -> None:
     record("grpc_stream_and_ping_floods",
            "16 raw HTTP/2 connections, each opening 128 calls that announce a 4 MB message and send up to 768 KB "
            "of it, never finishing; then 5 rounds of 200 PINGs per connection",
-           "the server advertises 128 streams per connection, at most 256 KB accepted per stream (the announced 4 MB exceeds the "
-           "3 MiB gRPC message cap); server peak RSS < 1 GiB; every flooder gets GOAWAY or is closed; a stock "
-           "client's inference every 250 ms (at least 3) never fails and each < 1 s, one after < 1 s",
+           "the server advertises 128 streams per connection, at most 256 KB accepted per stream (the "
+           "announced 4 MB exceeds the 3 MiB gRPC message cap); server peak RSS < 1 GiB; every flooder gets "
+           "GOAWAY or is closed; a stock client's inference every 250 ms (at least 3) never fails and each "
+           "< 1 s, one after < 1 s",
            f"{opened} calls opened, at most {max(opened_each)} per connection (advertised {sorted(advertised)}) "
            f"({sum(c.refused_locally for c in flooders)} more held back by the server's stream limit), at most "
            f"{per_stream / 1024:.0f} KB accepted per stream, {sent / MB:.0f} MB of partial messages and "
