@@ -157,26 +157,35 @@ class Batcher(Generic[Item, Result]):
         self._observer.queued(len(self._queue))
         self._wakeup.set()
         futures = [p.future for p in pending]
+        # the deadline is one timer that cancels the request's futures: asyncio.wait_for with shield
+        # (a task and two futures more per request) cost 0.8 ms per single request here
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            for future in futures:
+                future.cancel()  # the batch former drops them, as for a caller that has gone
+
+        expiry = loop.call_later(timeout_s, expire) if timeout_s is not None else None
         try:
-            if timeout_s is None:
-                results = list(await asyncio.gather(*futures))
-            else:
-                results = list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), timeout_s))
+            results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
             if timings is not None:
                 timings.extend((p.enqueued, p.started, p.finished) for p in pending)
             return results
-        except TimeoutError:
-            for future in futures:
-                future.cancel()
-            raise DeadlineExceeded(f"no result within {timeout_s:.3f}s") from None
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()  # the caller has gone: the batch former will drop its inputs
+            if expired:
+                raise DeadlineExceeded(f"no result within {timeout_s:.3f}s") from None
             raise
         except Exception:
             for future in futures:
                 future.cancel()  # one input failed: the request fails whole, drop the rest
             raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     async def close(self, drain: bool = True) -> None:
         """Stop accepting; with ``drain`` finish everything queued, else fail it."""

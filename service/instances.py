@@ -100,26 +100,40 @@ class InstancePool:
 
     async def run(self, feed: Feed, warm_up: Feed) -> np.ndarray:
         idle = self._queue()
-        try:  # every instance stuck or being replaced: fail the batch rather than wait for good
-            worker = await asyncio.wait_for(idle.get(), self.timeout_s)
-        except TimeoutError:
-            raise RuntimeHung(f"no runtime instance became free within {self.timeout_s:g}s "
-                              f"(SAMPSERVE_RUNTIME_TIMEOUT_S); {self.hung} call(s) stuck") from None
+        if idle.empty():  # every instance busy, stuck or being replaced: wait, within the bound
+            try:
+                worker = await asyncio.wait_for(idle.get(), self.timeout_s)
+            except TimeoutError:
+                raise RuntimeHung(f"no runtime instance became free within {self.timeout_s:g}s "
+                                  f"(SAMPSERVE_RUNTIME_TIMEOUT_S); {self.hung} call(s) stuck") from None
+        else:
+            worker = idle.get_nowait()
         future = worker.submit(feed)
+        loop = asyncio.get_running_loop()
+        waiter = asyncio.wrap_future(future)
+        expired = False
+
+        def expire() -> None:  # one timer, not wait_for's task and shield per call
+            nonlocal expired
+            expired = True
+            waiter.cancel()  # the thread's call cannot be cancelled: it runs on, abandoned
+
+        expiry = loop.call_later(self.timeout_s, expire)
         try:
-            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
-        except TimeoutError:
-            self._abandon(worker, future, warm_up)
-            raise RuntimeHung(f"runtime call exceeded {self.timeout_s:g}s (SAMPSERVE_RUNTIME_TIMEOUT_S); "
-                              "its instance is being replaced") from None
+            result = await waiter
         except asyncio.CancelledError:
+            if expired:
+                self._abandon(worker, future, warm_up)
+                raise RuntimeHung(f"runtime call exceeded {self.timeout_s:g}s (SAMPSERVE_RUNTIME_TIMEOUT_S); "
+                                  "its instance is being replaced") from None
             # the batch was cancelled: the call finishes in its thread, then the worker is free again
-            loop = asyncio.get_running_loop()
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(idle.put_nowait, worker))
             raise
         except BaseException:
             idle.put_nowait(worker)
             raise
+        finally:
+            expiry.cancel()
         idle.put_nowait(worker)
         return result
 
