@@ -20,9 +20,22 @@ from typing import TextIO
 
 import orjson
 
+from service.request_context import RequestInfo
+
 ACCESS_FIELDS = ("request_id", "method", "path", "status", "latency_ms", "model", "version")
+access = logging.getLogger("sampserve.access")
 QUEUE_RECORDS = 10_000
 WRITE_EVERY_S = 0.05
+
+
+def log_access(info: RequestInfo, method: str, path: str, status: int | str, start: float) -> None:
+    """The access line of one request (REST or gRPC), its fields as record attributes; client-chosen
+    strings are cut to a bounded length."""
+    latency = (time.perf_counter() - start) * 1000
+    path = path if len(path) <= 200 else path[:200] + "..."
+    access.info("%s %s %s %s %.1fms", info.id, method, path, status, latency,
+                extra={"request_id": info.id, "method": method, "path": path, "status": status,
+                       "latency_ms": round(latency, 2), "model": info.model[:64], "version": info.version[:16]})
 
 
 class JsonFormatter(logging.Formatter):

@@ -17,17 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 import time
 from typing import Any
 
 from service import tracing
 from service.api.http_errors import error_body
+from service.logs import log_access
 from service.errors import BodyTimeout, PayloadTooLarge, ServiceError, Unauthenticated
 from service.metrics import Metrics
 from service.request_context import begin_request
 
-access = logging.getLogger("sampserve.access")
 OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
@@ -83,12 +82,7 @@ class Gate:
                 await send_with_id({"type": "http.response.body", "body": payload})
         finally:
             if self.access_log:
-                path = scope["path"] if len(scope["path"]) <= 200 else scope["path"][:200] + "..."
-                access.info("%s %s %s %d %.1fms", info.id, scope["method"], path, status,
-                            (time.perf_counter() - start) * 1000,
-                            extra={"request_id": info.id, "method": scope["method"], "path": path, "status": status,
-                                   "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-                                   "model": info.model[:64], "version": info.version[:16]})
+                log_access(info, scope["method"], scope["path"], status, start)
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
         if self.api_key is not None and protected(path):

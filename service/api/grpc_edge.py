@@ -20,10 +20,10 @@ import grpc
 
 from service import tracing
 from service.errors import GRPC_STATUS, ServiceError
+from service.logs import log_access
 from service.metrics import Metrics
 from service.request_context import begin_request
 
-access = logging.getLogger("sampserve.access")
 log = logging.getLogger("sampserve")
 
 
@@ -116,11 +116,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, "internal error; see the server log", trailing_metadata=trailers)
             finally:
                 if self.access_log:
-                    latency = (time.perf_counter() - start) * 1000
-                    access.info("%s gRPC %s %s %.1fms", info.id, method, code.name, latency,
-                                extra={"request_id": info.id, "method": "gRPC", "path": method, "status": code.name,
-                                       "latency_ms": round(latency, 2), "model": info.model[:64],
-                                       "version": info.version[:16]})
+                    log_access(info, "gRPC", method, code.name, start)
 
         return grpc.unary_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
