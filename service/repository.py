@@ -194,6 +194,25 @@ class HeadError(RepositoryError, ValueError):
     """A version's head.json is missing, not JSON, or does not match HeadMeta."""
 
 
+class GenerationMeta(BaseModel):
+    """Generation heads: how to feed the decoder graph's cache and when a sequence ends."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    num_layers: int = Field(ge=1)
+    """Layers, each with a past/present key and value (graph names ``past_key_values.{i}.key``...)."""
+    num_kv_heads: int = Field(ge=1)
+    """Key/value heads in the cache (fewer than query heads under grouped-query attention)."""
+    head_dim: int = Field(ge=1)
+    stop_token_ids: list[int] = Field(min_length=1)
+    """Token ids that end a sequence (the model's end-of-sequence ids)."""
+    chat_template: str | None = None
+    """Jinja chat template (Hugging Face's format) rendering ``messages`` into a prompt."""
+    bos_token: str | None = None
+    """Text of the beginning-of-sequence token the template may reference (None: the model has none)."""
+    eos_token: str | None = None
+
+
 class HeadMeta(BaseModel):
     """``<model>/<N>/head.json``: what the server needs, beside the graph and the tokenizer, to turn
     texts into a version's inputs and its outputs into answers.
@@ -206,8 +225,9 @@ class HeadMeta(BaseModel):
 
     model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
-    input_names: list[Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(min_length=1)
-    """The graph's inputs, in order; all int64 (batch, sequence)."""
+    input_names: list[Literal["input_ids", "attention_mask", "token_type_ids", "position_ids"]] = Field(min_length=1)
+    """The graph's token inputs, in order; all int64 (batch, sequence). A generation graph also takes
+    its cache (GenerationMeta)."""
     max_length: int = Field(ge=1)
     """Longest input in tokens (special tokens included) the model takes."""
     pad_token_id: int = Field(0, ge=0)
@@ -216,6 +236,9 @@ class HeadMeta(BaseModel):
     """Classification: the class names, by logit index."""
     normalized: bool = False
     """Matching: the graph's embeddings are already unit length (the server skips normalizing)."""
+    generation: GenerationMeta | None = None
+    """Generation: cache layout, stop ids, chat template; ``max_length`` is then the most tokens a
+    sequence may hold, prompt and output together."""
 
     def to_json(self) -> bytes:
         """The file's bytes as publish writes them."""

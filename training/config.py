@@ -54,6 +54,9 @@ class StackConfig(_Strict):
     attention_scale: bool = Field(True, description="Divide scores by sqrt(head_dim); T5 does not.")
     parameter_sharing: bool = Field(False, description="One layer's weights applied num_layers times.")
     final_layernorm: bool | None = Field(None, description="Default: true for pre-LN stacks.")
+    position: Literal["embedding", "rope"] = Field(
+        "embedding", description="Where positions come from: the embedding's parts, or rotary (RoPE) in attention.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base; Llama 2 uses 1e4, SmolLM2 1e5.")
 
     @property
     def has_final_layernorm(self) -> bool:
@@ -84,6 +87,8 @@ class ModelConfig(_Strict):
     num_heads: int
     intermediate_size: int
     head_dim: int | None = None
+    num_kv_heads: int | None = Field(
+        None, description="Grouped-query attention: key/value heads (the cache keeps only these).")
     dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
@@ -101,6 +106,10 @@ class ModelConfig(_Strict):
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def key_value_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         from training.components import registry_check
@@ -108,6 +117,8 @@ class ModelConfig(_Strict):
         registry_check(self)
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if (self.decoder is None) != (self.target_embedding is None):
             raise ValueError("decoder and target_embedding go together: set both or neither")
         if self.decoder is not None and not self.decoder.cross_attention:

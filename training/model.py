@@ -35,11 +35,13 @@ class Model(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         past: list[LayerCache] | None = None,
         use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> StackOutput:
-        """Token ids (B, T) -> encoder states (B, T, H). ``past`` continues a causal encoder."""
+        """Token ids (B, T) -> encoder states (B, T, H). ``past`` continues a causal encoder;
+        ``position_ids`` (RoPE stacks) default to counting the attended tokens of each row."""
         past_length = past[0][0].shape[2] if past else 0
         x = self.embedding(input_ids, token_type_ids, position_offset=past_length)
-        return self.encoder(x, attention_mask, past=past, use_cache=use_cache)
+        return self.encoder(x, attention_mask, past=past, use_cache=use_cache, position_ids=position_ids)
 
     def decode(
         self,

@@ -28,9 +28,15 @@ HF_MODELS = {
                                             {**TINY_ENCODER, "type_vocab_size": 1, "num_labels": 4}),
     "GPT2LMHeadModel": (transformers.GPT2Config, dict(vocab_size=160, n_embd=32, n_head=4, n_layer=2,
                                                       n_positions=80, bos_token_id=1, eos_token_id=2)),
+    "LlamaForCausalLM": (transformers.LlamaConfig, dict(vocab_size=160, hidden_size=32, num_attention_heads=4,
+                                                        num_key_value_heads=2, intermediate_size=64,
+                                                        num_hidden_layers=2, max_position_embeddings=80,
+                                                        rope_theta=1e5, rms_norm_eps=1e-5, eos_token_id=2,
+                                                        pad_token_id=2, tie_word_embeddings=True)),
     "T5ForConditionalGeneration": (transformers.T5Config, dict(vocab_size=160, d_model=32, d_kv=8, d_ff=64,
                                                                num_layers=2, num_heads=4)),
 }
+CAUSAL = {"GPT2LMHeadModel", "LlamaForCausalLM"}
 
 
 def _save_hf(arch: str, directory, minilm_dir, **overrides):
@@ -67,7 +73,7 @@ def test_import_matches_transformers(arch, tmp_path, minilm_dir):
         out = reference(**kwargs)
     if hasattr(out, "logits"):
         expected = out.logits
-        if arch == "GPT2LMHeadModel":  # padded positions differ by design (masked keys); compare real ones
+        if arch in CAUSAL:  # padded positions differ by design (masked keys); compare real ones
             ours, expected = ours[mask.bool()], expected[mask.bool()]
     else:  # bare encoder: we serve the mean-pooled, normalized sentence vector
         expected = torch.nn.functional.normalize(
@@ -98,7 +104,7 @@ def test_ours_to_hf_to_ours_is_bit_identical(arch, tmp_path, minilm_dir):
         out = reloaded(**kwargs)
         ours = first.model(**kwargs)
     if hasattr(out, "logits"):
-        keep = mask.bool() if arch == "GPT2LMHeadModel" else slice(None)
+        keep = mask.bool() if arch in CAUSAL else slice(None)
         assert float((out.logits[keep] - ours[keep]).abs().max()) <= 1e-5
 
 

@@ -19,6 +19,7 @@ from training.components.layers import (
     causal_bias,
     make_layernorm,
     padding_bias,
+    rotary_tables,
 )
 from training.config import ModelConfig, StackConfig
 
@@ -34,6 +35,7 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.stack = stack
         self.num_layers = stack.num_layers
+        self.head_dim = config.attention_head_dim
         count = 1 if stack.parameter_sharing else stack.num_layers
         self.layers = nn.ModuleList(TransformerLayer(config, stack) for _ in range(count))
         self.relative_bias = (
@@ -57,8 +59,11 @@ class TransformerStack(nn.Module):
         use_cache: bool = False,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> StackOutput:
-        """x: (B, Tq, H). attention_mask: (B, past+Tq) of 1/0 over the keys this stack attends to."""
+        """x: (B, Tq, H). attention_mask: (B, past+Tq) of 1/0 over the keys this stack attends to.
+        position_ids (B, Tq) matter only for RoPE; by default they count the attended tokens, so a
+        left-padded row starts at position 0 exactly as it would alone."""
         batch, query_length, _ = x.shape
         past_length = past[0][0].shape[2] if past else 0
         key_length = past_length + query_length
@@ -69,6 +74,11 @@ class TransformerStack(nn.Module):
             bias = bias + causal_bias(query_length, key_length, x.device, x.dtype)
         if self.relative_bias is not None:
             bias = bias + self.relative_bias(query_length, key_length, past_length, x.device).to(x.dtype)
+        rotary = None
+        if self.stack.position == "rope":
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+            rotary = rotary_tables(position_ids, self.head_dim, self.stack.rope_theta)
         cross_bias = None
         if self.stack.cross_attention:
             if memory_mask is None:
@@ -77,7 +87,7 @@ class TransformerStack(nn.Module):
         new_cache: list[LayerCache] = []
         for i in range(self.num_layers):
             x, layer_cache = self.layer(i)(
-                x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias
+                x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias, rotary=rotary
             )
             if use_cache:
                 new_cache.append(layer_cache)

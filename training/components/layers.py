@@ -39,40 +39,83 @@ def make_layernorm(kind: str, size: int, eps: float) -> nn.Module:
     return RMSNorm(size, eps) if kind == "rms" else nn.LayerNorm(size, eps=eps)
 
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, head_dim) each
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+    """RoPE in Hugging Face's ``rotate_half`` layout: angles for each position, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """x: (B, heads, T, d). Rotates each (i, i + d/2) pair by its position's angle."""
+    cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rotary)  # (B, 1, T, d)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention. With fewer key/value heads than query heads (grouped-query
+    attention) each key/value head serves ``num_heads // num_kv_heads`` query heads; keys and values
+    are cached with their own head count, so the cache is that much smaller."""
+
     def __init__(self, config: ModelConfig, stack: StackConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
+        self.num_kv_heads = config.key_value_heads
         self.head_dim = config.attention_head_dim
         inner = self.num_heads * self.head_dim
+        kv_inner = self.num_kv_heads * self.head_dim
         self.query = nn.Linear(config.hidden_size, inner, bias=stack.bias)
-        self.key = nn.Linear(config.hidden_size, inner, bias=stack.bias)
-        self.value = nn.Linear(config.hidden_size, inner, bias=stack.bias)
+        self.key = nn.Linear(config.hidden_size, kv_inner, bias=stack.bias)
+        self.value = nn.Linear(config.hidden_size, kv_inner, bias=stack.bias)
         self.output = nn.Linear(inner, config.hidden_size, bias=stack.bias)
         self.dropout = nn.Dropout(config.attention_dropout)
         self.scale = 1.0 / math.sqrt(self.head_dim) if stack.attention_scale else 1.0
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, length, _ = x.shape
         # (B, T, heads*d) -> (B, heads, T, d)
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(batch, length, heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(self.key(memory)), self._heads(self.value(memory))
+    def project_kv(self, memory: torch.Tensor, rotary: Rotary | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated to their positions when RoPE is on) and values: (B, kv_heads, T, d) each."""
+        k = self._heads(self.key(memory), self.num_kv_heads)
+        if rotary is not None:
+            k = apply_rotary(k, rotary)
+        return k, self._heads(self.value(memory), self.num_kv_heads)
 
     def forward(
         self,
         x: torch.Tensor,
         bias: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """``bias`` is additive, broadcastable to (B, heads, Tq, Tk); ``kv`` are projected heads."""
         batch, length, _ = x.shape
-        q = self._heads(self.query(x))  # (B, h, Tq, d)
-        k, v = kv  # (B, h, Tk, d)
+        q = self._heads(self.query(x), self.num_heads)  # (B, h, Tq, d)
+        if rotary is not None:
+            q = apply_rotary(q, rotary)
+        k, v = kv  # (B, kv, Tk, d)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            # Query head h uses key/value head h // groups (HF's repeat_kv order), by broadcasting
+            # (B, kv, g, Tq, d) against (B, kv, 1, Tk, d) instead of copying the cache g times.
+            q = q.view(batch, self.num_kv_heads, groups, length, self.head_dim)
+            k, v = k.unsqueeze(2), v.unsqueeze(2)
+            if bias.shape[1] == 1:
+                bias = bias.unsqueeze(2)
+            else:  # per-head bias (B|1, h, Tq, Tk) -> (B|1, kv, g, Tq, Tk)
+                bias = bias.view(bias.shape[0], self.num_kv_heads, groups, *bias.shape[-2:])
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias  # (B, h, Tq, Tk)
         probs = self.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype))
-        context = torch.matmul(probs, v)  # (B, h, Tq, d)
+        context = torch.matmul(probs, v)  # (B, h, Tq, d) [or (B, kv, g, Tq, d)]
+        context = context.reshape(batch, self.num_heads, length, self.head_dim)
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.output(context)
 
@@ -120,15 +163,16 @@ class TransformerLayer(nn.Module):
         past: LayerCache | None = None,
         memory: torch.Tensor | None = None,
         cross_bias: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
     ) -> tuple[torch.Tensor, LayerCache]:
         cache: dict[str, torch.Tensor | None] = {}
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
-            k, v = self.self_attention.project_kv(h)
+            k, v = self.self_attention.project_kv(h, rotary)
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             cache["k"], cache["v"] = k, v
-            return self.self_attention(h, self_bias, (k, v))
+            return self.self_attention(h, self_bias, (k, v), rotary)
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
             if past is not None and past[2] is not None:
@@ -214,6 +258,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FeedForward",
+    "Rotary",
+    "apply_rotary",
+    "rotary_tables",
     "LayerCache",
     "MultiHeadAttention",
     "RelativePositionBias",

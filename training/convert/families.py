@@ -3,7 +3,7 @@
 Each family knows its HF ``model_type``, how to read HF's config into ours (and back), and the
 list of ``Rule``s for a given config. Heads are mapped by HF architecture name:
 ``*Model`` (bare encoder: we serve pooled sentence embeddings), ``*ForMaskedLM``,
-``*ForSequenceClassification``, ``GPT2LMHeadModel`` and ``T5ForConditionalGeneration``.
+``*ForSequenceClassification``, ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and ``T5ForConditionalGeneration``.
 """
 
 from __future__ import annotations
@@ -378,7 +378,105 @@ T5 = Family(
     rules=_t5_rules,
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5)}
+# ---------------------------------------------------------------- Llama (SmolLM2, TinyLlama, Llama 2/3)
+
+
+def _llama_to_ours(hf: dict[str, Any], arch: str, extra: dict[str, Any]) -> ModelConfig:
+    if hf.get("rope_scaling"):
+        raise ValueError("llama: rope_scaling is not supported yet (plain RoPE only)")
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = hf.get("pad_token_id")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        pad_token_id=pad if pad is not None else (eos if eos is not None else 0),
+        eos_token_id=eos,
+        embedding=EmbeddingConfig(parts=("word",), layernorm=False, max_position=hf.get("max_position_embeddings", 2048)),
+        encoder=StackConfig(
+            num_layers=hf["num_hidden_layers"],
+            layernorm_positioning="pre",
+            layernorm="rms",
+            feed_forward="gated",
+            activation=hf.get("hidden_act", "silu"),
+            bias=bool(hf.get("attention_bias", False)),
+            causal=True,
+            position="rope",
+            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        ),
+        target=TargetConfig(name="lm", tie_weights=hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
+    stack = config.encoder
+    return {
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.key_value_heads,
+        "head_dim": config.attention_head_dim,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": stack.num_layers,
+        "hidden_act": stack.activation,
+        "attention_bias": stack.bias,
+        "mlp_bias": False,
+        "attention_dropout": config.attention_dropout,
+        "rms_norm_eps": config.layer_norm_eps,
+        "rope_theta": stack.rope_theta,
+        "max_position_embeddings": config.embedding.max_position,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": config.eos_token_id,
+        "tie_word_embeddings": config.target.tie_weights,
+    }
+
+
+def _llama_rules(config: ModelConfig) -> list[Rule]:
+    rules = [
+        Rule("embedding.parts.word.weight", "model.embed_tokens.weight"),
+        Rule("encoder.final_norm.weight", "model.norm.weight"),
+    ]
+    for i in range(config.encoder.num_layers):
+        ours, hf = f"encoder.layers.{i}.", f"model.layers.{i}."
+        pairs = {
+            "self_attention.query": "self_attn.q_proj",
+            "self_attention.key": "self_attn.k_proj",
+            "self_attention.value": "self_attn.v_proj",
+            "self_attention.output": "self_attn.o_proj",
+            "feed_forward.gate": "mlp.gate_proj",
+            "feed_forward.inner": "mlp.up_proj",
+            "feed_forward.outer": "mlp.down_proj",
+        }
+        for o, h in pairs.items():
+            rules.append(Rule(f"{ours}{o}.weight", f"{hf}{h}.weight"))
+            if config.encoder.bias and o.startswith("self_attention"):
+                rules.append(Rule(f"{ours}{o}.bias", f"{hf}{h}.bias"))
+        rules.append(Rule(f"{ours}self_attention_norm.weight", f"{hf}input_layernorm.weight"))
+        rules.append(Rule(f"{ours}feed_forward_norm.weight", f"{hf}post_attention_layernorm.weight"))
+    if not config.target.tie_weights:
+        rules.append(Rule("target.decoder.weight", "lm_head.weight"))
+    return rules
+
+
+LLAMA = Family(
+    model_type="llama",
+    architectures={"LlamaForCausalLM": "lm"},
+    to_ours=_llama_to_ours,
+    to_hf=_llama_to_hf,
+    rules=_llama_rules,
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5, LLAMA)}
 
 
 def family_of(config: ModelConfig) -> Family:
@@ -386,5 +484,5 @@ def family_of(config: ModelConfig) -> Family:
     if config.decoder is not None:
         return T5
     if config.encoder.causal:
-        return GPT2
+        return LLAMA if config.encoder.position == "rope" else GPT2
     return XLMR if config.embedding.position_padding_idx is not None else BERT
