@@ -55,7 +55,11 @@ def sample_inputs(checkpoint: Checkpoint, batch: int = 3, length: int = 16, seed
 
 
 def export_onnx(checkpoint: Checkpoint, path: Path) -> ExportInfo:
-    """Trace the served forward pass to ONNX and check onnxruntime FP32 against PyTorch (1e-4)."""
+    """Trace the served forward pass to ONNX and check onnxruntime FP32 against PyTorch (1e-4).
+    Causal LMs with rotary positions export as a prefill/decode graph with a KV cache."""
+    config = checkpoint.config
+    if config.target.name == "lm" and config.encoder.causal and config.encoder.position == "rope":
+        return export_decoder(checkpoint, path)
     if checkpoint.config.is_encoder_decoder:
         raise ValueError("ONNX export of encoder-decoder generation is not supported yet; export encoders")
     model = checkpoint.model.eval()
@@ -88,3 +92,10 @@ def parity(checkpoint: Checkpoint, path: Path, inputs: dict[str, np.ndarray]) ->
     with torch.no_grad():
         ours = checkpoint.model(*(torch.from_numpy(feed[n]) for n in input_names_for(checkpoint))).numpy()
     return float(np.abs(ort_out - ours).max())
+
+
+def export_decoder(checkpoint: Checkpoint, path: Path, check_steps: int = 4) -> ExportInfo:
+    """The prefill/decode graph of a causal LM with a KV cache (quantizer.decoder_export)."""
+    from quantizer.decoder_export import export_decoder as export
+
+    return export(checkpoint, path, check_steps)

@@ -67,6 +67,10 @@ class Candidate(BaseModel):
     latency_ms: dict[int, float]
     speedup_vs_torch: float
     size_bytes: int
+    perplexity_increase: dict[str, float] | None = None
+    """Generators: relative perplexity change against FP32 on dev and test."""
+    batch_invariant: bool | None = None
+    """Generators: greedy tokens of a prompt alone equal its tokens inside a mixed batch."""
 
 
 class SampReport(BaseModel):
@@ -81,6 +85,8 @@ class SampReport(BaseModel):
     export_max_abs_diff: float
     mode: str
     notes: list[str]
+    kept_fp32: list[str] | None = None
+    """Units the chosen plan keeps in FP32."""
 
 
 @dataclass

@@ -45,7 +45,7 @@ def _unit_name(node_name: str) -> str | None:
         return None
     if node_name.startswith("/embedding/"):
         return "embeddings"
-    if node_name.startswith("/target/"):
+    if node_name.startswith(("/target/", "/lm_head/")):  # lm_head: a decoder export's untied projection
         return "head"
     return None
 

@@ -1,0 +1,392 @@
+"""SAMP for causal LMs: the same steps as for encoders (sensitivity, search, verification, report),
+judged by next-token agreement with FP32 instead of a task metric.
+
+- **Metric.** Teacher-forced top-1 next-token agreement with the FP32 graph on held-out text, and
+  the change in perplexity on that text. Both are measured through the served graph's own decode
+  path: a short prefill, then one token per step with the KV cache.
+- **Forms.** ``blockwise``: onnxruntime's MatMulNBits with 8-bit weights (blocks of 32, symmetric)
+  and accuracy level 4, which quantizes activations per row in blocks, so a sequence's logits do
+  not depend on its batch-mates. ``dynamic``: per-channel INT8 weights with one activation scale
+  for the whole batch (quantize_dynamic): usually faster, but a batch-mate with a large activation
+  changes every other row's rounding. ``batch_invariant`` (default) admits only the first; the plan
+  is verified batch-invariant either way (greedy tokens alone vs inside a mixed batch) and the
+  report says so.
+- **Sensitivity.** Each unit is simulated in INT8 in PyTorch (the form's rounding applied to that
+  unit's weights and inputs) over the dev sequences in one forward pass: 121 units of SmolLM2 take
+  minutes instead of the hour that building and loading 121 graphs would. Units whose inputs carry
+  massive activations (SmolLM2's FFN down-projections of a few layers) show up here. The chosen
+  plan is then built and verified on the real graph, and backed off until it meets the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress
+
+from quantizer.decoder_export import OrtDecoder, left_padded
+from quantizer.engines import ort_session
+from quantizer.export import ExportInfo, export_decoder
+from quantizer.quantize import apply_plan
+from quantizer.samp import Candidate, SampReport, SampResult
+from quantizer.search import Plan, UnitMeasurement, back_off, plan_from, search
+from quantizer.units import Unit, find_units, quantization_rate
+from training.checkpoint import Checkpoint
+
+Form = Literal["blockwise", "dynamic"]
+BLOCK = 32
+
+
+class DecoderSampSettings(BaseModel):
+    """What the user asks of SAMP for a generator; validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_agreement: float = Field(0.98, gt=0, le=1, description="Lowest teacher-forced top-1 agreement with FP32.")
+    max_perplexity_increase: float = Field(0.02, ge=0, description="Largest relative perplexity increase (0.02 = 2%).")
+    form: Literal["auto", "blockwise", "dynamic"] = "auto"
+    batch_invariant: bool = Field(True, description="Admit only INT8 forms whose rows do not depend on batch-mates.")
+    sequences: int = Field(16, ge=2, description="Held-out sequences in each of dev and test.")
+    length: int = Field(64, ge=16, description="Tokens per held-out sequence.")
+    context: int = Field(8, ge=1, description="Tokens prefilled before the scored decode steps.")
+    threads: int | None = Field(None, ge=1)
+    repeats: int = Field(5, ge=1)
+    latency_batches: tuple[int, ...] = (1, 8)
+
+
+@dataclass
+class LmEval:
+    """Token sequences (N, L): the first ``context`` are prefilled, each later one is scored."""
+
+    ids: np.ndarray
+    context: int
+
+
+def lm_sequences(checkpoint: Checkpoint, texts: list[str], settings: DecoderSampSettings,
+                 seed: int = 0) -> tuple[LmEval, LmEval]:
+    """Disjoint dev and test sets: texts shuffled, split in halves, each joined into fixed-length runs."""
+    rows = list(texts)
+    random.Random(seed).shuffle(rows)
+    half = len(rows) // 2
+
+    def pack(part: list[str]) -> LmEval:
+        ids: list[int] = []
+        for text in part:
+            ids += checkpoint.tokenizer.encode(text + "\n", add_special_tokens=False).ids
+            if len(ids) >= settings.sequences * settings.length:
+                break
+        need = settings.sequences * settings.length
+        if len(ids) < need:
+            raise ValueError(f"SAMP needs {need} tokens of held-out text per split, got {len(ids)}")
+        return LmEval(np.array(ids[:need], dtype=np.int64).reshape(settings.sequences, settings.length),
+                      settings.context)
+
+    return pack(rows[:half]), pack(rows[half:])
+
+
+def teacher_forced_logits(decoder: OrtDecoder, data: LmEval) -> np.ndarray:
+    """(N, L - context, V) logits of every scored position, through prefill + one-token decode steps."""
+    ids = data.ids
+    mask = np.ones((ids.shape[0], data.context), np.int64)
+    logits, past = decoder.run(ids[:, :data.context], mask, None)
+    out = [logits]
+    for t in range(data.context, ids.shape[1] - 1):
+        mask = np.ones((ids.shape[0], t + 1), np.int64)
+        logits, past = decoder.run(ids[:, t:t + 1], mask, past)
+        out.append(logits)
+    return np.stack(out, axis=1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def nll(logits: np.ndarray, data: LmEval) -> float:
+    """Mean negative log-likelihood of the true next tokens."""
+    targets = data.ids[:, data.context:]
+    logp = _log_softmax(logits.astype(np.float64))
+    return float(-np.take_along_axis(logp, targets[..., None], axis=-1).mean())
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float((logits.argmax(-1) == reference.argmax(-1)).mean())
+
+
+# ---------------------------------------------------------------------------------- simulation
+
+
+def _quantize_rows_blockwise(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 rounding per row in blocks of 32 along the last axis (MatMulNBits acc4)."""
+    k = x.shape[-1]
+    pad = (-k) % BLOCK
+    blocks = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return ((blocks / scale).round().clamp(-127, 127) * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+def _quantize_tensor_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric uint8 rounding with one scale for the whole tensor (DynamicQuantizeLinear)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1e-12
+    zero = round(-lo / scale)
+    return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
+
+
+def _quantize_weight(weight: torch.Tensor, form: Form) -> torch.Tensor:
+    """(out, in) weights: blocks of 32 along ``in`` (blockwise) or one scale per output channel."""
+    if form == "blockwise":
+        return _quantize_rows_blockwise(weight)
+    scale = weight.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def unit_modules(model: torch.nn.Module, unit: str, head: torch.nn.Linear) -> list[torch.nn.Linear]:
+    """The Linear layers of a unit, by the names units.py gives them."""
+    if unit == "head":
+        return [head]
+    layer, kind = unit.split(".")
+    block = model.encoder.layers[int(layer.removeprefix("layer"))]  # type: ignore[union-attr,index]
+    names = {"attn_qkv": ("self_attention.query", "self_attention.key", "self_attention.value"),
+             "attn_out": ("self_attention.output",), "ffn_in": ("feed_forward.inner", "feed_forward.gate"),
+             "ffn_out": ("feed_forward.outer",)}[kind]
+    return [block.get_submodule(n) for n in names]
+
+
+@contextmanager
+def simulated_int8(modules: list[torch.nn.Linear], form: Form):  # noqa: ANN201
+    """Run these Linear layers with the form's INT8 rounding of weights and inputs."""
+    saved = [(m, m.forward) for m in modules]
+    act = _quantize_rows_blockwise if form == "blockwise" else _quantize_tensor_dynamic
+    for module in modules:
+        weight = _quantize_weight(module.weight.detach(), form)
+
+        def forward(x: torch.Tensor, _m: torch.nn.Linear = module, _w: torch.Tensor = weight) -> torch.Tensor:
+            return torch.nn.functional.linear(act(x), _w, _m.bias)
+
+        module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.forward = original  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+class DecoderSamp:
+    """One SAMP run over a causal LM checkpoint."""
+
+    def __init__(self, checkpoint: Checkpoint, texts: list[str], settings: DecoderSampSettings,
+                 workdir: Path | None = None, progress: Progress | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.settings = settings
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="samp-lm-"))
+        self.progress = progress
+        self._step("exporting the prefill/decode graph")
+        self.info: ExportInfo = export_decoder(checkpoint, self.workdir / "fp32.onnx")
+        self.units: list[Unit] = find_units(self.info.path)
+        self.dev, self.test = lm_sequences(checkpoint, texts, settings)
+        fp32 = self._decoder(self.info.path)
+        self.reference = {"dev": teacher_forced_logits(fp32, self.dev), "test": teacher_forced_logits(fp32, self.test)}
+        self.fp32_nll = {"dev": nll(self.reference["dev"], self.dev), "test": nll(self.reference["test"], self.test)}
+        self._built: dict[tuple[str, frozenset[str]], Path] = {}
+
+    def _decoder(self, path: Path) -> OrtDecoder:
+        return OrtDecoder.for_checkpoint(ort_session(path, self.settings.threads), self.checkpoint)
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def build(self, int8: frozenset[str], form: Form) -> Path:
+        key = (form, int8)
+        if key not in self._built:
+            path = self.workdir / f"plan-{len(self._built)}.onnx"
+            if not int8:
+                path = self.info.path
+            elif form == "dynamic":
+                apply_plan(self.info.path, path, self.units, set(int8), "dynamic")
+            else:
+                build_blockwise(self.info.path, path, self.units, set(int8))
+            self._built[key] = path
+        return self._built[key]
+
+    def evaluate(self, path: Path, split: str = "dev") -> tuple[float, float]:
+        """(agreement with FP32, relative perplexity increase) on a held-out split."""
+        data = self.dev if split == "dev" else self.test
+        logits = teacher_forced_logits(self._decoder(path), data)
+        ppl_increase = float(np.exp(nll(logits, data) - self.fp32_nll[split]) - 1.0)
+        return agreement(logits, self.reference[split]), ppl_increase
+
+    def within_budget(self, agree: float, ppl_increase: float) -> bool:
+        s = self.settings
+        return agree >= s.min_agreement - 1e-12 and ppl_increase <= s.max_perplexity_increase + 1e-12
+
+    def step_latency(self, path: Path, batch: int) -> float:
+        """Median milliseconds of one decode step at ``batch`` rows after a 64-token context."""
+        decoder = self._decoder(path)
+        ids = np.tile(self.dev.ids[:1, :64], (batch, 1))
+        mask = np.ones_like(ids)
+        _, past = decoder.run(ids, mask, None)
+        step_mask = np.ones((batch, ids.shape[1] + 1), np.int64)
+        nxt = ids[:, -1:]
+        times = []
+        for _ in range(self.settings.repeats + 2):
+            start = time.perf_counter()
+            decoder.run(nxt, step_mask, past)
+            times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times[2:]))
+
+    def torch_step_latency(self, batch: int) -> float:
+        """The same decode step in PyTorch eager FP32 through the toolkit's cache."""
+        model = self.checkpoint.model.eval()
+        ids = torch.from_numpy(np.tile(self.dev.ids[:1, :64], (batch, 1)))
+        with torch.no_grad():
+            out = model.encode(ids, torch.ones_like(ids), use_cache=True)
+            mask = torch.ones(batch, ids.shape[1] + 1, dtype=torch.long)
+            times = []
+            for _ in range(self.settings.repeats + 2):
+                start = time.perf_counter()
+                step = model.encode(ids[:, -1:], mask, past=out.cache, use_cache=True)
+                model.target(step.hidden[:, -1], None)
+                times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times[2:]))
+
+    def batch_invariant(self, path: Path, steps: int = 16) -> bool:
+        """Greedy tokens of each prompt alone equal its tokens inside a mixed, left-padded batch."""
+        decoder = self._decoder(path)
+        prompts = [self.dev.ids[i, : 8 + 12 * i].tolist() for i in range(min(4, len(self.dev.ids)))]
+        together, _ = decoder.greedy(prompts, steps)
+        return all(np.array_equal(decoder.greedy([p], steps)[0][0], together[i]) for i, p in enumerate(prompts))
+
+    # -- sensitivity ---------------------------------------------------------------------------
+
+    def sensitivity(self, form: Form) -> dict[str, tuple[float, float]]:
+        """Per unit: (agreement with FP32, relative perplexity increase), simulated in PyTorch."""
+        model = self.checkpoint.model.eval()
+        head = model.target.decoder
+        ids = torch.from_numpy(self.dev.ids)
+        scored = slice(self.dev.context - 1, self.dev.ids.shape[1] - 1)
+        with torch.no_grad():
+            reference = model(ids)[:, scored].numpy()
+            base = nll(reference, self.dev)
+            out = {}
+            for unit in self.units:
+                self._step(f"sensitivity of {unit.name}")
+                with simulated_int8(unit_modules(model, unit.name, head), form):
+                    logits = model(ids)[:, scored].numpy()
+                out[unit.name] = (agreement(logits, reference), float(np.exp(nll(logits, self.dev) - base) - 1.0))
+        return out
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self) -> SampResult:
+        s = self.settings
+        notes: list[str] = []
+        forms: list[Form] = ["blockwise"] if s.batch_invariant else ["blockwise", "dynamic"]
+        if s.form != "auto":
+            if s.batch_invariant and s.form == "dynamic":
+                raise ValueError("form 'dynamic' is not batch-invariant: set batch_invariant=false to allow it")
+            forms = [s.form]
+        everything = frozenset(u.name for u in self.units)
+        self._step("timing FP32 and all-INT8 decode steps")
+        fp32_ms = self.step_latency(self.info.path, 1)
+        all_ms = {form: self.step_latency(self.build(everything, form), 1) for form in forms}
+        form = min(all_ms, key=all_ms.__getitem__)
+        if len(forms) > 1:
+            notes.append("all-INT8 decode step at batch 1: " + ", ".join(f"{f} {v:.2f} ms" for f, v in all_ms.items())
+                         + f"; using {form}")
+        saved = max(fp32_ms - all_ms[form], 0.0)
+        total = sum(u.flops_per_token for u in self.units) or 1
+
+        sens = self.sensitivity(form)
+        measurements = [UnitMeasurement(u.name, 1.0 - sens[u.name][0], saved * u.flops_per_token / total)
+                        for u in self.units]
+        rows = [{"unit": u.name, "agreement": sens[u.name][0], "perplexity_increase": sens[u.name][1],
+                 "gain_ms": saved * u.flops_per_token / total, "flops_per_token": u.flops_per_token}
+                for u in self.units]
+        # A unit that alone breaks the perplexity budget is never a candidate, whatever its agreement.
+        eligible = [m for m, r in zip(measurements, rows, strict=True)
+                    if r["perplexity_increase"] <= s.max_perplexity_increase]
+        plan = search(eligible, 1.0 - s.min_agreement)
+        plan = plan_from(measurements, plan.int8)
+        while True:
+            self._step(f"verifying a plan with {len(plan.int8)} INT8 units on the real graph")
+            agree, ppl = self.evaluate(self.build(plan.int8, form))
+            if plan.is_fp32 or self.within_budget(agree, ppl):
+                break
+            notes.append(f"plan with {len(plan.int8)} units: agreement {agree:.4f}, perplexity +{ppl:.2%}: "
+                         "over budget, backing off")
+            plan = back_off(plan, measurements)
+
+        torch_ms = {b: self.torch_step_latency(b) for b in s.latency_batches}
+        candidates = []
+        for name, chosen in (("fp32", frozenset()), ("all-int8", everything), ("samp", plan.int8)):
+            self._step(f"measuring candidate {name}")
+            path = self.build(chosen, form)
+            dev_agree, dev_ppl = self.evaluate(path)
+            test_agree, test_ppl = self.evaluate(path, "test")
+            latency = {b: self.step_latency(path, b) for b in s.latency_batches}
+            candidates.append(Candidate(
+                name=name, mode="fp32" if not chosen else form, int8=sorted(chosen),
+                quantization_rate=quantization_rate(self.units, set(chosen)), dev_metric=dev_agree,
+                test_metric=test_agree, latency_ms=latency, speedup_vs_torch=torch_ms[1] / latency[1],
+                size_bytes=path.stat().st_size, perplexity_increase={"dev": dev_ppl, "test": test_ppl},
+                batch_invariant=self.batch_invariant(path),
+            ))
+        chosen_row = candidates[-1]
+        kept = sorted(everything - plan.int8)
+        verdict = (f"{len(plan.int8)} of {len(self.units)} units in INT8 ({form}); kept FP32: "
+                   f"{', '.join(kept) or 'none'}. Next-token agreement with FP32 {chosen_row.dev_metric:.4f} dev / "
+                   f"{chosen_row.test_metric:.4f} test, perplexity {chosen_row.perplexity_increase['test']:+.2%} "
+                   f"on test; decode step {chosen_row.latency_ms[1]:.2f} ms at batch 1 "
+                   f"({chosen_row.speedup_vs_torch:.2f}x PyTorch eager); batch-invariant: "
+                   f"{'yes' if chosen_row.batch_invariant else 'NO'}.")
+        report = SampReport(
+            task="generation", metric="next_token_agreement",
+            budget={"min_agreement": s.min_agreement, "max_perplexity_increase": s.max_perplexity_increase},
+            units=rows, torch_eager_ms=torch_ms, candidates=candidates, chosen="samp", verdict=verdict,
+            export_max_abs_diff=self.info.max_abs_diff, mode=form, notes=notes, kept_fp32=kept,
+        )
+        return SampResult(report=report, model_path=self.build(plan.int8, form), workdir=self.workdir)
+
+    def _step(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[dim]·[/] {text}")
+
+
+def build_blockwise(fp32_path: Path, out_path: Path, units: list[Unit], int8: set[str]) -> Path:
+    """The units' weight MatMuls as MatMulNBits (8-bit weights in blocks of 32, accuracy level 4)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    unknown = int8 - {u.name for u in units}
+    if unknown:
+        raise ValueError(f"plan names units the graph does not have: {sorted(unknown)}")
+    chosen = {n for u in units if u.name in int8 for n in u.nodes}
+    model = onnx.load(str(fp32_path))
+    # nodes_to_include is not honoured by every onnxruntime version: exclude the others instead.
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=exclude)
+    quantizer.process()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantizer.model.model, str(out_path))
+    return out_path
+
+
+Runner = Callable[[Path], float]
+__all__ = ["DecoderSamp", "DecoderSampSettings", "Plan", "build_blockwise", "simulated_int8"]
