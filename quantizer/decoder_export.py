@@ -28,6 +28,7 @@ from torch import nn
 
 from quantizer.export import OPSET, ExportInfo
 from training.checkpoint import Checkpoint
+from training.components.layers import LayerCache
 from training.model import Model
 
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -47,13 +48,15 @@ class _DecoderStep(nn.Module):
     def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
-        weight = model.target.decoder.weight
-        self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        projection = model.target.decoder
+        assert isinstance(projection, nn.Linear)
+        weight = projection.weight
+        self.lm_head = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=False)
         self.lm_head.weight = nn.Parameter(weight.detach().clone())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = [(past[2 * i], past[2 * i + 1], None, None) for i in range(len(past) // 2)]
+        cache: list[LayerCache] = [(past[2 * i], past[2 * i + 1], None, None) for i in range(len(past) // 2)]
         out = self.model.encode(input_ids, attention_mask, past=cache, use_cache=True, position_ids=position_ids)
         logits = self.lm_head(out.hidden[:, -1, :])  # (B, V): the last position of left-padded rows
         assert out.cache is not None
@@ -122,16 +125,17 @@ class OrtDecoder:
     """A plain greedy/teacher-forced driver of the exported graph: the reference the parity checks
     and SAMP's next-token metrics use (the server's engine adds scheduling on top)."""
 
-    def __init__(self, session, layers: int, kv_heads: int, head_dim: int, pad: int) -> None:  # noqa: ANN001
+    def __init__(self, session, layers: int, kv_heads: int, head_dim: int, pad: int) -> None:
         self.session, self.layers, self.kv_heads, self.head_dim, self.pad = session, layers, kv_heads, head_dim, pad
         self.past_names, self.outputs = past_names(layers), ["logits", *present_names(layers)]
 
     @classmethod
-    def for_checkpoint(cls, session, checkpoint: Checkpoint) -> OrtDecoder:  # noqa: ANN001
+    def for_checkpoint(cls, session, checkpoint: Checkpoint) -> OrtDecoder:
         c = checkpoint.config
         return cls(session, c.encoder.num_layers, c.key_value_heads, c.attention_head_dim, c.pad_token_id)
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(self, ids: np.ndarray, mask: np.ndarray,
+            past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph call: ``mask`` covers past and new tokens; returns last logits and the cache."""
         batch, new = ids.shape
         if past is None:

@@ -13,12 +13,14 @@ from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp, SampResult
+from quantizer.samp_decoder import DecoderSamp
 from service.heads import HEADS
 from service.repository import (
     HEAD_FILE,
     MODEL_CONFIG_FILE,
     ONNX_FILE,
     TOKENIZER_FILE,
+    GenerationMeta,
     HeadMeta,
     RepoModelConfig,
     load_model_config,
@@ -68,9 +70,23 @@ def ensure_model_config(model_dir: Path, checkpoint: Checkpoint, max_drop: float
     return config
 
 
+def generation_meta(checkpoint: Checkpoint) -> GenerationMeta | None:
+    """The cache layout and stopping rules of a causal LM's graph (None for encoders)."""
+    config, head = checkpoint.config, checkpoint.head
+    if config.target.name != "lm":
+        return None
+    stops = list(head.stop_token_ids or ([config.eos_token_id] if config.eos_token_id is not None else []))
+    if not stops:
+        raise NotServable("a generator needs an end-of-sequence id (eos_token_id or head stop_token_ids)")
+    return GenerationMeta(num_layers=config.encoder.num_layers, num_kv_heads=config.key_value_heads,
+                          head_dim=config.attention_head_dim, stop_token_ids=stops, chat_template=head.chat_template,
+                          bos_token=head.bos_token, eos_token=head.eos_token)
+
+
 def served_head(checkpoint: Checkpoint, info: ExportInfo) -> HeadMeta:
     """head.json of a version: how the server feeds the exported graph and reads its output."""
     return HeadMeta(
+        generation=generation_meta(checkpoint),
         input_names=list(info.input_names),  # export_onnx names only the three HeadMeta knows
         max_length=checkpoint.head.max_length,
         pad_token_id=checkpoint.config.pad_token_id,
@@ -92,11 +108,12 @@ def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) 
     }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized"})
 
 
-def publish_result(samp: Samp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:
+def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:
     """Write ``repo/model/<next>/``; returns its path and notes (such as a skipped TensorRT build).
     Refuses (NotServable) a checkpoint the server could not serve, before writing anything."""
     model_dir = Path(repo) / model
-    ensure_model_config(model_dir, samp.checkpoint, samp.settings.max_drop)
+    max_drop = samp.settings.max_drop if isinstance(samp, Samp) else 1.0 - samp.settings.min_agreement
+    ensure_model_config(model_dir, samp.checkpoint, max_drop)
     work = result.workdir
     files: dict[str, Path | bytes] = {
         ONNX_FILE: result.model_path,
@@ -107,7 +124,9 @@ def publish_result(samp: Samp, result: SampResult, repo: Path, model: str) -> tu
     }
     notes = []
     available, reason = tensorrt_available()
-    if available:
+    if isinstance(samp, DecoderSamp):
+        notes.append("TensorRT engine skipped: generators are served by onnxruntime with a KV cache")
+    elif available:
         files[TENSORRT_FILE] = build_tensorrt_engine(result.model_path, work / TENSORRT_FILE)
     else:
         notes.append(reason)

@@ -36,7 +36,9 @@ def write_plot(report: SampReport, path: Path) -> Path:
     torch_ms = report.torch_eager_ms[batch]
     ax.axvline(torch_ms, color="gray", linestyle=":", label=f"PyTorch eager FP32 ({torch_ms:.0f} ms)")
     fp32 = next(c for c in report.candidates if c.name == "fp32").dev_metric
-    budget = report.budget.get("max_drop") or 0.0
+    budget = report.budget.get("max_drop")
+    if budget is None:  # generators: a floor on next-token agreement
+        budget = round(1.0 - (report.budget.get("min_agreement") or 1.0), 6)
     ax.axhline(fp32 - budget, color="tab:orange", linestyle="--", label=f"budget (drop {budget})")
     ax.set_xlabel(f"latency, batch {batch} (ms)")
     ax.set_ylabel(f"dev {report.metric}")

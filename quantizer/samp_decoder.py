@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
 
-from quantizer.decoder_export import OrtDecoder, left_padded
+from quantizer.decoder_export import OrtDecoder
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_decoder
 from quantizer.quantize import apply_plan
@@ -158,15 +158,16 @@ def unit_modules(model: torch.nn.Module, unit: str, head: torch.nn.Linear) -> li
     if unit == "head":
         return [head]
     layer, kind = unit.split(".")
-    block = model.encoder.layers[int(layer.removeprefix("layer"))]  # type: ignore[union-attr,index]
+    block = model.get_submodule(f"encoder.layers.{int(layer.removeprefix('layer'))}")
     names = {"attn_qkv": ("self_attention.query", "self_attention.key", "self_attention.value"),
              "attn_out": ("self_attention.output",), "ffn_in": ("feed_forward.inner", "feed_forward.gate"),
              "ffn_out": ("feed_forward.outer",)}[kind]
-    return [block.get_submodule(n) for n in names]
+    modules = [block.get_submodule(n) for n in names]
+    return [m for m in modules if isinstance(m, torch.nn.Linear)]
 
 
 @contextmanager
-def simulated_int8(modules: list[torch.nn.Linear], form: Form):  # noqa: ANN201
+def simulated_int8(modules: list[torch.nn.Linear], form: Form):
     """Run these Linear layers with the form's INT8 rounding of weights and inputs."""
     saved = [(m, m.forward) for m in modules]
     act = _quantize_rows_blockwise if form == "blockwise" else _quantize_tensor_dynamic
@@ -176,7 +177,7 @@ def simulated_int8(modules: list[torch.nn.Linear], form: Form):  # noqa: ANN201
         def forward(x: torch.Tensor, _m: torch.nn.Linear = module, _w: torch.Tensor = weight) -> torch.Tensor:
             return torch.nn.functional.linear(act(x), _w, _m.bias)
 
-        module.forward = forward  # type: ignore[method-assign]
+        module.forward = forward  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -198,7 +199,9 @@ class DecoderSamp:
         self.progress = progress
         self._step("exporting the prefill/decode graph")
         self.info: ExportInfo = export_decoder(checkpoint, self.workdir / "fp32.onnx")
-        self.units: list[Unit] = find_units(self.info.path)
+        # The embedding lookup is a Gather: INT8 would shrink it, not speed it up, and MatMulNBits has no
+        # Gather form; it stays FP32 (the untied output projection is the "head" unit).
+        self.units: list[Unit] = [u for u in find_units(self.info.path) if u.name != "embeddings"]
         self.dev, self.test = lm_sequences(checkpoint, texts, settings)
         fp32 = self._decoder(self.info.path)
         self.reference = {"dev": teacher_forced_logits(fp32, self.dev), "test": teacher_forced_logits(fp32, self.test)}
@@ -277,6 +280,7 @@ class DecoderSamp:
         """Per unit: (agreement with FP32, relative perplexity increase), simulated in PyTorch."""
         model = self.checkpoint.model.eval()
         head = model.target.decoder
+        assert isinstance(head, torch.nn.Linear)
         ids = torch.from_numpy(self.dev.ids)
         scored = slice(self.dev.context - 1, self.dev.ids.shape[1] - 1)
         with torch.no_grad():
@@ -318,8 +322,7 @@ class DecoderSamp:
                  "gain_ms": saved * u.flops_per_token / total, "flops_per_token": u.flops_per_token}
                 for u in self.units]
         # A unit that alone breaks the perplexity budget is never a candidate, whatever its agreement.
-        eligible = [m for m, r in zip(measurements, rows, strict=True)
-                    if r["perplexity_increase"] <= s.max_perplexity_increase]
+        eligible = [m for m in measurements if sens[m.name][1] <= s.max_perplexity_increase]
         plan = search(eligible, 1.0 - s.min_agreement)
         plan = plan_from(measurements, plan.int8)
         while True:
@@ -347,6 +350,7 @@ class DecoderSamp:
                 batch_invariant=self.batch_invariant(path),
             ))
         chosen_row = candidates[-1]
+        assert chosen_row.test_metric is not None and chosen_row.perplexity_increase is not None
         kept = sorted(everything - plan.int8)
         verdict = (f"{len(plan.int8)} of {len(self.units)} units in INT8 ({form}); kept FP32: "
                    f"{', '.join(kept) or 'none'}. Next-token agreement with FP32 {chosen_row.dev_metric:.4f} dev / "

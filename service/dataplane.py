@@ -8,6 +8,10 @@ validation, output naming and request metrics live here, once; the transports ho
 Limits are checked before work: texts per request (below the model's queue size), characters per
 text (before tokenizing; ``truncate`` cuts characters first, so a huge text is never tokenized
 whole), and large tokenizations run on threads, off the event loop that answers health probes.
+
+Generation (``DataPlane.generate``) is the one streaming call: every API's stream (OpenAI, the v2
+generate extension, gRPC) is the same ``Generation``, whose first delta is already computed when it
+is returned, so an error before the first token is still a plain status, never a broken stream.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,11 +28,12 @@ import numpy as np
 
 from service import tracing
 from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
-from service.errors import DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
+from service.errors import Code, DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
+from service.generation import Delta, SamplingParams
 from service.heads import ClassificationHead, Encoded, MatchingHead
 from service.instances import RuntimeHung
 from service.metrics import Metrics
-from service.models import LoadedVersion, ModelManager
+from service.models import GenerationVersion, LoadedVersion, ModelManager
 from service.request_context import current_request
 from service.settings import Settings
 
@@ -38,6 +43,9 @@ INPUT_NAMES = ("text", "text_pair")
 MAX_DIMS = 8
 TOKENIZE_INLINE_CHARS = 4096
 """Requests with more characters than this are tokenized on a thread: ~1 ms of work inline at most."""
+MAX_ROLE_CHARS = 32
+CLIENT_GONE = "client_gone"
+"""The outcome of a stream whose client left before its end (a disconnect, a cancelled RPC)."""
 T = TypeVar("T")
 
 
@@ -52,6 +60,81 @@ class Result:
     @property
     def output_name(self) -> str:
         return OUTPUT_NAMES[self.head.task]
+
+
+class DeltaStream:
+    """The engine's deltas for one request, counted once when the stream ends (ok, an error's code,
+    or client_gone when closed early). A class rather than an async generator so that ``aclose()``
+    closes the engine's generator (freeing the sequence's slot) even when iteration never began."""
+
+    def __init__(self, model: str, source: AsyncGenerator[Delta, None], first: Delta,
+                 on_end: Callable[[str], None]) -> None:
+        self.model = model
+        self._source, self._on_end = source, on_end
+        self._pending: Delta | None = first
+        self._ended = False
+
+    def __aiter__(self) -> DeltaStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._ended:
+            raise StopAsyncIteration
+        if self._pending is not None:
+            delta, self._pending = self._pending, None
+        else:
+            try:
+                delta = await _next_delta(self.model, self._source)
+            except ServiceError as exc:
+                await self._end(exc.code.value)
+                raise
+            except asyncio.CancelledError:
+                await self._end(CLIENT_GONE)
+                raise
+        if delta.finish_reason is not None:
+            await self._end("ok")
+        return delta
+
+    async def aclose(self) -> None:
+        """Stop: the engine drops the sequence (a no-op once the stream has ended)."""
+        await self._end(CLIENT_GONE)
+
+    async def _end(self, outcome: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            await self._source.aclose()
+        finally:
+            self._on_end(outcome)
+
+
+@dataclass
+class Generation:
+    """A started generation: the version running it and its deltas. The first delta is already
+    computed, so a full queue, a prompt too long or a deadline before the first token were raised by
+    ``DataPlane.generate`` itself, where the transport can still answer a status. Iterate ``deltas``
+    to the delta with a finish reason, or ``aclose()``: that frees the sequence's slot at once."""
+
+    model: str
+    version: int
+    deltas: DeltaStream
+
+    async def aclose(self) -> None:
+        await self.deltas.aclose()
+
+    async def collect(self) -> tuple[str, Delta]:
+        """The whole text and the last delta (finish reason, usage), for answers not streamed."""
+        parts: list[str] = []
+        last: Delta | None = None
+        try:
+            async for delta in self.deltas:
+                parts.append(delta.text)
+                last = delta
+        finally:
+            await self.aclose()
+        assert last is not None  # the stream ends with the delta that has the finish reason, or raises
+        return "".join(parts), last
 
 
 @dataclass
@@ -106,15 +189,26 @@ class DataPlane:
         return self.models.readiness(name, version)
 
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        loaded = self.models.get(name, version)
+        loaded = self.models.served(name, version)
         state = self.models.models[name]
+        failed = {str(k): f.reason for k, f in state.failed.items()}
+        if isinstance(loaded, GenerationVersion):  # Triton's generate extension: text_input -> text_output
+            limits = loaded.engine.limits
+            return ModelMetadata(
+                name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
+                inputs=[TensorMetadata("text_input", "BYTES", [1])],
+                outputs=[TensorMetadata("text_output", "BYTES", [1])],
+                parameters={"task": "generation", "max_length": loaded.head.max_length,
+                            "max_model_len": limits.max_model_len, "max_num_seqs": limits.max_num_seqs,
+                            "max_waiting": limits.max_waiting, "chat_template": loaded.head.has_chat_template,
+                            "failed_versions": failed})
         return ModelMetadata(
             name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
             inputs=[TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES],
             outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
-                        "failed_versions": {str(k): f.reason for k, f in state.failed.items()}})
+                        "failed_versions": failed})
 
     # -- request accounting ------------------------------------------------------------------
 
@@ -289,5 +383,103 @@ class DataPlane:
 
         return await self._measured("classify", model, None, work)
 
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, model: str, version: str | int | None, *, params: SamplingParams,
+                       prompt: str | None = None, messages: Sequence[dict[str, Any]] | None = None,
+                       endpoint: str = "generate", fill_max_tokens: bool = False,
+                       timeout_s: float | None = None) -> Generation:
+        """Start generating from ``prompt`` or chat ``messages`` (exactly one); the stream is counted
+        under ``endpoint`` when it ends (ok, an error's code, or client_gone). ``fill_max_tokens``:
+        the client gave no max_tokens (OpenAI chat), so it is what the context leaves after the prompt."""
+        start = time.perf_counter()
+        context = current_request()
+        context.model, context.version = model, "" if version is None else str(version)
+        stream: AsyncGenerator[Delta, None] | None = None
+        counted: str | int | None = version
+        try:
+            loaded = self.models.generator(model, version)  # InvalidInput naming the task of any other model
+            counted = loaded.version
+            ids = await self._prompt_ids(loaded, prompt, messages)
+            if fill_max_tokens:
+                room = loaded.engine.limits.max_model_len - len(ids)
+                params = params.model_copy(update={"max_tokens": max(1, room)})
+            timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
+            stream = loaded.engine.generate(ids, params, timeout)
+            first = await _next_delta(model, stream)
+        except BaseException as exc:
+            if stream is not None:
+                await stream.aclose()
+            outcome = (exc.code.value if isinstance(exc, ServiceError) else
+                       CLIENT_GONE if isinstance(exc, asyncio.CancelledError) else Code.INTERNAL.value)
+            self.metrics.observe_request(model, counted, endpoint, outcome, start)
+            raise
+        context.version = str(loaded.version)
+        number = loaded.version
+
+        def ended(outcome: str) -> None:
+            self.metrics.observe_request(model, number, endpoint, outcome, start)
+
+        return Generation(model, number, DeltaStream(model, stream, first, ended))
+
+    async def _prompt_ids(self, loaded: GenerationVersion, prompt: str | None,
+                          messages: Sequence[dict[str, Any]] | None) -> list[int]:
+        """The prompt's token ids; sizes checked before the chat template renders or the tokenizer runs."""
+        limit = self.settings.max_text_chars
+        if (prompt is None) == (messages is None):
+            raise InvalidInput("give either a prompt or messages")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidInput("prompt must be a string")
+            if len(prompt) > limit:
+                raise InvalidInput(f"prompt is {len(prompt)} characters; at most {limit} (SAMPSERVE_MAX_TEXT_CHARS)")
+            size = len(prompt)
+        else:
+            assert messages is not None
+            if not messages:
+                raise InvalidInput("messages: give at least one message")
+            most = self.settings.max_texts_per_request
+            if len(messages) > most:
+                raise InvalidInput(f"messages: {len(messages)} messages; at most {most} "
+                                   "(SAMPSERVE_MAX_TEXTS_PER_REQUEST)")
+            size = 0
+            for index, message in enumerate(messages):
+                role, content = message.get("role"), message.get("content")
+                if not isinstance(role, str) or not 0 < len(role) <= MAX_ROLE_CHARS:
+                    raise InvalidInput(f"messages[{index}].role must be a string of 1 to {MAX_ROLE_CHARS} characters")
+                if not isinstance(content, str):
+                    raise InvalidInput(f"messages[{index}].content must be a string")
+                size += len(content)
+            if size > limit:
+                raise InvalidInput(f"messages hold {size} characters; at most {limit} in all "
+                                   "(SAMPSERVE_MAX_TEXT_CHARS)")
+        head = loaded.head
+
+        def encode() -> list[int]:
+            if prompt is not None:
+                return head.encode_prompt(prompt)
+            return head.encode_prompt(head.render_chat([dict(m) for m in messages or ()]), field="messages")
+
+        with tracing.span("tokenize", characters=size):
+            try:
+                if size <= TOKENIZE_INLINE_CHARS:
+                    return encode()
+                return await asyncio.get_running_loop().run_in_executor(self._tokenizers, encode)
+            except UnicodeError:
+                raise InvalidInput("prompt: text must be valid Unicode (no lone surrogates)") from None
+
     def close(self) -> None:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _next_delta(model: str, stream: AsyncIterator[Delta]) -> Delta:
+    """The engine's next delta; a stream that ends without a finish reason, or any exception that is
+    not the engine's ``ServiceError`` (a bug, a runtime failure), is the model's failure: a 500."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        raise ModelFailure(f"model {model!r}: the stream ended without a finish reason") from None
+    except (ServiceError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        raise ModelFailure(f"model {model!r} failed: {type(exc).__name__}: {exc}") from None

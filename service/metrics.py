@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Time to first token and between tokens: a decode step is milliseconds, a queued prefill seconds."""
 UNKNOWN = "_unknown"
 """The label of every model or version the server does not serve."""
 
@@ -55,6 +57,27 @@ class Metrics:
                                    ("transport", "reason"), registry=r)
         self.connections_refused = Counter("sampserve_connections_refused_total",
                                            "Connections closed by a limit.", ("port", "reason"), registry=r)
+        # generation (service.generation): streaming latency, tokens, the scheduler's occupancy
+        self.time_to_first_token = Histogram(
+            "sampserve_time_to_first_token_seconds", "From a generation request's arrival to its first token.",
+            labels, buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "sampserve_inter_token_latency_seconds", "Between consecutive tokens of one sequence.", labels,
+            buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sampserve_prompt_tokens_total", "Prompt tokens prefilled (once per request).",
+                                     labels, registry=r)
+        self.generation_tokens = Counter("sampserve_generation_tokens_total", "Tokens generated.", labels,
+                                         registry=r)
+        self.sequences_running = Gauge("sampserve_sequences_running", "Sequences in the running batch.", labels,
+                                       registry=r)
+        self.sequences_waiting = Gauge("sampserve_sequences_waiting", "Generation requests waiting for a slot.",
+                                       labels, registry=r)
+        self.kv_cache_tokens = Gauge("sampserve_kv_cache_tokens",
+                                     "Key/value cache slots held (batch x padded length).", labels, registry=r)
+        self.kv_cache_capacity = Gauge("sampserve_kv_cache_capacity_tokens", "Key/value cache slots at most.",
+                                       labels, registry=r)
+        self.preemptions = Counter("sampserve_preemptions_total",
+                                   "Sequences preempted for cache room (recomputed later).", labels, registry=r)
         self._served: dict[str, set[str]] = {}
 
     # -- which labels exist ------------------------------------------------------------------
@@ -72,7 +95,9 @@ class Metrics:
         self._served.get(model, set()).discard(str(version))
         for metric in (self.requests, self.latency, self.queue_time, self.compute_time, self.batch_size,
                        self.queue_depth, self.queue_capacity, self.tokens, self.padded_tokens, self.dropped,
-                       self.loaded, self.load_failures, self.hung_calls):
+                       self.loaded, self.load_failures, self.hung_calls, self.time_to_first_token,
+                       self.inter_token_latency, self.prompt_tokens, self.generation_tokens, self.sequences_running,
+                       self.sequences_waiting, self.kv_cache_tokens, self.kv_cache_capacity, self.preemptions):
             metric.remove_by_labels({"model": model, "version": str(version)})
 
     def model_forgotten(self, model: str) -> None:
@@ -101,6 +126,9 @@ class Metrics:
     def observer(self, model: str, version: int) -> BatchMetrics:
         return BatchMetrics(self, model, str(version))
 
+    def generation(self, model: str, version: int) -> GenerationMetrics:
+        return GenerationMetrics(self, model, str(version))
+
 
 class BatchMetrics:
     """The batcher's observer for one model version."""
@@ -126,3 +154,40 @@ class BatchMetrics:
 
     def dropped(self, reason: str) -> None:
         self.m.dropped.labels(self.model, self.version, reason).inc()
+
+
+class GenerationMetrics:
+    """A generation engine's observer for one model version (service.generation.scheduler.EngineObserver);
+    called on the engine's thread (prometheus_client is thread-safe)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._ttft = metrics.time_to_first_token.labels(model, version)
+        self._itl = metrics.inter_token_latency.labels(model, version)
+        self._prompt = metrics.prompt_tokens.labels(model, version)
+        self._generated = metrics.generation_tokens.labels(model, version)
+        self._running = metrics.sequences_running.labels(model, version)
+        self._waiting = metrics.sequences_waiting.labels(model, version)
+        self._kv = metrics.kv_cache_tokens.labels(model, version)
+        self._kv_capacity = metrics.kv_cache_capacity.labels(model, version)
+        self._preemptions = metrics.preemptions.labels(model, version)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        if prompt:
+            self._prompt.inc(prompt)
+        if generated:
+            self._generated.inc(generated)
+
+    def occupancy(self, running: int, waiting: int, kv_tokens: int, kv_capacity: int) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv.set(kv_tokens)
+        self._kv_capacity.set(kv_capacity)
+
+    def preempted(self) -> None:
+        self._preemptions.inc()

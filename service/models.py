@@ -1,4 +1,5 @@
-"""The served models: versions loaded from the repository, hot-swapped, each behind its batcher.
+"""The served models: versions loaded from the repository, hot-swapped, each behind its batcher
+(encoder tasks) or its generation engine (task "generation").
 
 A new version is loaded beside the old one (manifest checked, runtime built, warmed up) and only
 then becomes the one served; a version that fails any step is recorded, never replaces a good one,
@@ -21,13 +22,17 @@ import numpy as np
 
 from service import tracing
 from service.batching import Batcher, BatchPolicy
-from service.errors import ModelNotFound, NotReady, shorten
-from service.heads import HEADS, Encoded, TextEncoder
+from service.errors import InvalidInput, ModelNotFound, NotReady, shorten
+from service.generation.engine import GenerationEngine, warm_up
+from service.generation.graph import DecoderGraph
+from service.generation.scheduler import EngineLimits
+from service.heads import HEADS, Encoded, GenerationHead, TextEncoder
 from service.instances import InstancePool, call_in_thread
 from service.metrics import Metrics
 from service.repository import (
     MODEL_CONFIG_FILE,
     ONNX_FILE,
+    GenerationConfig,
     RepoModelConfig,
     list_versions,
     load_model_config,
@@ -60,6 +65,42 @@ class LoadedVersion:
             tracing.record("compute", started, finished, model=self.name, version=self.version)
         return np.stack(rows)
 
+    def wedged(self, max_hung_calls: int) -> bool:
+        return self.pool.hung >= max_hung_calls
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.batcher.policy.max_queue_size
+
+    async def close(self, drain: bool = True) -> None:
+        await self.batcher.close(drain=drain)
+        self.pool.close()
+
+
+@dataclass
+class GenerationVersion:
+    """A loaded generation version: its head (tokenizer, chat template) and its engine."""
+
+    name: str
+    version: int
+    config: RepoModelConfig
+    head: GenerationHead
+    engine: GenerationEngine
+
+    def wedged(self, max_hung_calls: int) -> bool:
+        """The engine's step loop stopped on a bug while the version is served."""
+        return not self.engine.alive
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.engine.limits.max_waiting
+
+    async def close(self, drain: bool = True) -> None:
+        await self.engine.close(drain=drain)
+
+
+ServedVersion = LoadedVersion | GenerationVersion
+
 
 @dataclass
 class Failure:
@@ -73,14 +114,14 @@ class Failure:
 @dataclass
 class ModelState:
     config: RepoModelConfig | None
-    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
     failed: dict[int, Failure] = field(default_factory=dict)
     problem: str | None = None
     """Why the model cannot be served at all (invalid config, a task without a head)."""
     available: list[int] = field(default_factory=list)
 
     @property
-    def latest(self) -> LoadedVersion | None:
+    def latest(self) -> ServedVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
 
     def reason(self) -> str:
@@ -113,7 +154,21 @@ class ModelManager:
         return state
 
     def get(self, name: str, version: str | int | None = None) -> LoadedVersion:
-        """The version to run: the newest loaded one, or the one asked for."""
+        """The encoder version to run: the newest loaded one, or the one asked for."""
+        loaded = self.served(name, version)
+        if isinstance(loaded, GenerationVersion):
+            raise InvalidInput(f"model {name!r} generates text; use the completions or generate endpoints")
+        return loaded
+
+    def generator(self, name: str, version: str | int | None = None) -> GenerationVersion:
+        """The generation version to run: the newest loaded one, or the one asked for."""
+        loaded = self.served(name, version)
+        if not isinstance(loaded, GenerationVersion):
+            raise InvalidInput(f"model {name!r} does not generate text (task {loaded.config.task!r})")
+        return loaded
+
+    def served(self, name: str, version: str | int | None = None) -> ServedVersion:
+        """The version, whatever its task (metadata): the newest loaded one, or the one asked for."""
         state = self.state(name)
         if version is None or version == "":
             if state.latest is None:
@@ -149,18 +204,41 @@ class ModelManager:
         return any(s.versions for s in self.models.values())
 
     def wedged(self) -> list[str]:
-        """Versions with at least ``max_hung_calls`` runtime calls stuck: liveness turns false, so the
-        orchestrator restarts the process (a stuck thread cannot be killed from inside)."""
+        """Versions with at least ``max_hung_calls`` runtime calls stuck, or whose generation loop
+        stopped: liveness turns false, so the orchestrator restarts the process (a stuck thread
+        cannot be killed from inside)."""
         return [f"{loaded.name}/{loaded.version}" for state in self.models.values()
-                for loaded in state.versions.values() if loaded.pool.hung >= self.settings.max_hung_calls]
+                for loaded in state.versions.values() if loaded.wedged(self.settings.max_hung_calls)]
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _build(self, name: str, config: RepoModelConfig, version: int) -> LoadedVersion:
+    def _build(self, name: str, config: RepoModelConfig, version: int) -> ServedVersion:
         """Load, check and warm up one version (blocking: runs on a thread of its own)."""
         path = self.settings.repo / name / str(version)
         verify(path)
         head = HEADS[config.task](path)
+        if isinstance(head, GenerationHead):
+            return self._build_generator(name, config, version, head)
+        return self._build_encoder(name, config, version, head)
+
+    def _build_generator(self, name: str, config: RepoModelConfig, version: int,
+                         head: GenerationHead) -> GenerationVersion:
+        """The decoder graph checked against head.json, warmed up (one prefill and one decode step),
+        and its engine's step loop started."""
+        path = self.settings.repo / name / str(version)
+        limits = engine_limits(config.generation or GenerationConfig(), head.max_length,
+                               self.settings.repo / name / MODEL_CONFIG_FILE)
+        if config.runtime != "onnxruntime":
+            raise ValueError(f"runtime {config.runtime!r}: generation runs on onnxruntime only")
+        graph = DecoderGraph.load(path / ONNX_FILE, head.generation, self.settings.threads)
+        warm_up(graph, head.pad_id)
+        engine = GenerationEngine(graph, head.tokenizer, limits, head.stop_token_ids, head.pad_id,
+                                  self.metrics.generation(name, version), name=f"{name}/{version}")
+        engine.start()
+        return GenerationVersion(name, version, config, head, engine)
+
+    def _build_encoder(self, name: str, config: RepoModelConfig, version: int, head: TextEncoder) -> LoadedVersion:
+        path = self.settings.repo / name / str(version)
         if head.max_length > config.batching.max_batch_tokens:
             raise ValueError(f"batching.max_batch_tokens={config.batching.max_batch_tokens} is below the model's "
                              f"max_length={head.max_length}: one long input could never run; raise "
@@ -258,13 +336,15 @@ class ModelManager:
         state.failed.pop(version, None)
         state.versions[version] = loaded
         self.metrics.version_loaded(name, version)
-        self.metrics.queue_capacity.labels(name, str(version)).set(loaded.batcher.policy.max_queue_size)
-        log.info("model %s version %d loaded (%d instances)", name, version, loaded.pool.instances)
+        self.metrics.queue_capacity.labels(name, str(version)).set(loaded.queue_capacity)
+        if isinstance(loaded, GenerationVersion):
+            log.info("model %s version %d loaded (generation: %s)", name, version, loaded.engine.limits)
+        else:
+            log.info("model %s version %d loaded (%d instances)", name, version, loaded.pool.instances)
 
     async def _unload(self, state: ModelState, version: int) -> None:
         old = state.versions.pop(version)
-        await old.batcher.close(drain=True)
-        old.pool.close()
+        await old.close(drain=True)
         self.metrics.version_unloaded(old.name, version)
         log.info("model %s version %d unloaded", old.name, version)
 
@@ -291,8 +371,25 @@ class ModelManager:
             self._poller.cancel()
         for state in self.models.values():
             for loaded in state.versions.values():
-                await loaded.batcher.close(drain=True)
-                loaded.pool.close()
+                await loaded.close(drain=True)
+
+
+def engine_limits(config: GenerationConfig, model_max_length: int, config_path: Path) -> EngineLimits:
+    """The engine's caps from config.json's generation block and head.json's max_length; a
+    combination under which some request could never run fails the load, naming the setting."""
+    max_model_len = config.max_model_len or model_max_length
+    if max_model_len > model_max_length:
+        raise ValueError(f"generation.max_model_len={max_model_len} is above the model's max_length="
+                         f"{model_max_length} (head.json); lower it in {config_path}")
+    max_kv_tokens = config.max_kv_tokens or config.max_num_seqs * max_model_len
+    for setting, value in (("max_batch_prefill_tokens", config.max_batch_prefill_tokens),
+                           ("max_kv_tokens", max_kv_tokens)):
+        if value < max_model_len:
+            raise ValueError(f"generation.{setting}={value} is below max_model_len={max_model_len}: a long "
+                             f"sequence could never run; raise it (or lower max_model_len) in {config_path}")
+    return EngineLimits(max_num_seqs=config.max_num_seqs, max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+                        max_kv_tokens=max_kv_tokens, max_model_len=max_model_len, max_waiting=config.max_waiting,
+                        continuous=config.continuous_batching)
 
 
 def _version_number(name: str, version: str | int) -> int:

@@ -88,6 +88,38 @@ class BatchingConfig(_Strict):
     the server's ``instances`` setting."""
 
 
+class GenerationConfig(_Strict):
+    """How the server schedules a generation model (continuous batching with a key/value cache)."""
+
+    max_num_seqs: int = Field(16, ge=1, le=1024)
+    """Sequences decoded together at most (the running batch's rows)."""
+    max_batch_prefill_tokens: int = Field(2048, ge=1)
+    """Prompt tokens one step may prefill; must hold one sequence of max_model_len tokens."""
+    max_kv_tokens: int | None = Field(None, ge=1)
+    """Key/value cache slots at most, counted as batch x padded length; a decode step that would
+    go past it preempts the newest sequence (recomputed later). None: max_num_seqs x max_model_len,
+    which never preempts."""
+    max_model_len: int | None = Field(None, ge=2)
+    """Most tokens one sequence holds, prompt and output together; None: head.json's max_length
+    (a larger value is refused at load)."""
+    max_waiting: int = Field(256, ge=1)
+    """Requests waiting for a slot beyond this are rejected at once (429) instead of queued."""
+    continuous_batching: bool = True
+    """False: request-level batching, a batch runs to completion before new requests join (for
+    comparison only: new requests then wait for the slowest sequence of the batch)."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> GenerationConfig:
+        """One sequence of max_model_len tokens must fit the prefill budget and the cache."""
+        if self.max_model_len is not None:
+            for name in ("max_batch_prefill_tokens", "max_kv_tokens"):
+                value = getattr(self, name)
+                if value is not None and value < self.max_model_len:
+                    raise ValueError(f"{name}={value} is below max_model_len={self.max_model_len}: "
+                                     "a sequence of that length could never run")
+        return self
+
+
 class VersionPolicy(_Strict):
     """Which published versions the server loads; exactly one of the three is set (default latest=1)."""
 
@@ -148,6 +180,15 @@ class RepoModelConfig(_Strict):
     """Longest input in tokens the server accepts; None: the model's own limit."""
     runtime: str = Field("onnxruntime", min_length=1)
     """The runtime by name, from service.runtimes.RUNTIMES; plugins may register more."""
+    generation: GenerationConfig | None = None
+    """Generation models: scheduling and cache limits (defaults when absent); ``batching`` is then
+    unused. Only for task "generation"."""
+
+    @model_validator(mode="after")
+    def _generation_only_for_generation(self) -> RepoModelConfig:
+        if self.generation is not None and self.task != "generation":
+            raise ValueError(f"generation: only for task 'generation' (this model's task is {self.task!r})")
+        return self
 
 
 def _describe(err: ValidationError) -> str:

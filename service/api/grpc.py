@@ -23,6 +23,7 @@ from service.api.grpc_gen import grpc_predict_v2_pb2 as pb
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
 from service.dataplane import DataPlane, TensorInput
 from service.errors import InvalidInput
+from service.generation import SamplingParams
 from service.metrics import Metrics
 from service.settings import Settings
 from service.tensors import decode_bytes_elements, utf8
@@ -64,6 +65,16 @@ def _elements(elements: Any, where: str) -> Callable[[int], list[Any]]:
     return decode
 
 
+SAMPLING_SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+
+
+def sampling(message: tasks_pb.SamplingParameters) -> tuple[SamplingParams, bool]:
+    """The request's sampling (unset fields: the defaults), and whether max_tokens was left unset."""
+    values: dict[str, object] = {name: getattr(message, name) for name in SAMPLING_SCALARS if message.HasField(name)}
+    values.update(stop=list(message.stop), ignore_eos=message.ignore_eos)
+    return SamplingParams.parse(values, prefix="sampling."), not message.HasField("max_tokens")
+
+
 class InferenceServicer:
     """The Open Inference Protocol's gRPC service over the data plane."""
 
@@ -103,7 +114,7 @@ class InferenceServicer:
 
 
 class TasksServicer:
-    """Our task API (embeddings, classification, similarity, rerank) over the data plane."""
+    """Our task API (embeddings, classification, similarity, rerank, generation) over the data plane."""
 
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
@@ -133,6 +144,29 @@ class TasksServicer:
         return tasks_pb.RerankResponse(model=request.model, version=result.version,
                                        results=[tasks_pb.RankedDocument(index=i, score=s) for i, s in ranked])
 
+    async def Generate(self, request: tasks_pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Written with ``context.write`` from a coroutine rather than yielded from a generator, so that
+        a cancelled call (client gone, deadline) lands in this ``finally`` wherever it was suspended, and
+        the engine's slot is freed at once."""
+        params, unset = sampling(request.sampling)
+        prompt = request.prompt if request.HasField("prompt") else None
+        messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
+        generation = await self.dataplane.generate(request.model, request.version or None, prompt=prompt,
+                                                   messages=messages, params=params, endpoint="generate",
+                                                   fill_max_tokens=unset and messages is not None)
+        try:
+            async for delta in generation.deltas:
+                response = tasks_pb.GenerateResponse(model=request.model, version=generation.version,
+                                                     text=delta.text, token_ids=delta.token_ids,
+                                                     finish_reason=delta.finish_reason or "")
+                if delta.finish_reason is not None:
+                    response.usage.CopyFrom(tasks_pb.Usage(
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
+                        total_tokens=delta.prompt_tokens + delta.completion_tokens))
+                await context.write(response)
+        finally:
+            await generation.aclose()
+
 
 def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A deserializer that hands a malformed message (e.g. invalid UTF-8 in a string field) to the
@@ -148,14 +182,16 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def _handlers(servicer: Any, service: Any, messages: Any) -> grpc.GenericRpcHandler:
-    """The unary handlers of ``service`` (a descriptor), calling ``servicer``'s methods by name."""
+    """The handlers of ``service`` (a descriptor: unary, or streaming responses), calling
+    ``servicer``'s methods by name."""
     handlers = {}
     for method in service.methods:
         request_class = getattr(messages, method.input_type.name)
         response_class = getattr(messages, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name), request_deserializer=_tolerant(request_class.FromString),
-            response_serializer=response_class.SerializeToString)
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(getattr(servicer, method.name),
+                                     request_deserializer=_tolerant(request_class.FromString),
+                                     response_serializer=response_class.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

@@ -56,7 +56,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         method: str = details.method
         service, _, name = method.lstrip("/").rpartition("/")
-        if handler is None or handler.unary_unary is None or service not in self.guarded_services:
+        if handler is None or service not in self.guarded_services or not (handler.unary_unary or handler.unary_stream):
             return handler  # health, reflection (streams), unknown methods: grpcio's own answers
         guarded = self.api_key is not None and name not in self.open_methods
         wrapped = self._wrapped.get(method)
@@ -71,7 +71,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str, guarded: bool) -> grpc.RpcMethodHandler:
-        behavior = handler.unary_unary
+        """Unary methods, and server-streaming ones written as coroutines with ``context.write``
+        (their ``None`` result passes through), get the same checks, statuses and log line."""
+        streaming = handler.unary_unary is None
+        behavior = handler.unary_stream if streaming else handler.unary_unary
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
@@ -118,5 +121,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 if self.access_log:
                     log_access(info, "gRPC", method, code.name, start)
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        kind = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+        return kind(call, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

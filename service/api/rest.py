@@ -1,4 +1,5 @@
-"""REST: the Open Inference Protocol (KServe v2) plus task endpoints people call by hand.
+"""REST: the Open Inference Protocol (KServe v2) with Triton's generate extension, plus task endpoints
+people call by hand and OpenAI's completions (service.api.openai, service.api.v2_generate).
 
 Thin: each route parses its body (orjson, then a pydantic schema), calls the data plane, and maps
 its errors through ``service.api.http_errors``. Limits, access and request ids are the gate's
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import asdict
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -18,8 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field, ValidationError
+from pydantic import Field
 
+from service.api import openai, v2_generate
+from service.api.bodies import documented, parse_body
 from service.api.http_errors import error_body
 from service.api.v2_infer import InferRequest, InferResponse, StrictBody, answer_infer
 from service.dataplane import DataPlane
@@ -69,31 +72,6 @@ class RerankRequest(StrictBody):
     documents: list[str]
     top_n: int | None = Field(None, ge=1)
     truncate: bool = False
-
-
-# ---------------------------------------------------------------- helpers
-
-Body = TypeVar("Body", bound=StrictBody)
-
-
-async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """The JSON body through orjson (lone surrogates and nesting past 1024 levels are a 400, where
-    the standard library would accept the first and overflow the stack on the second), then the schema."""
-    try:
-        payload = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    try:
-        return schema.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(f"{where}: {first['msg']}" if where else str(first["msg"])) from None
-
-
-def documented(schema: type[StrictBody]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that parses its body itself."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
 # ---------------------------------------------------------------- the app
@@ -158,6 +136,11 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
         reply = await answer_infer(dataplane, name, version, await request.body(),
                                    request.headers.get("inference-header-content-length"))
         return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
+
+    # -- text generation: Triton's generate extension (v2) and OpenAI's completions (v1) --
+
+    app.include_router(v2_generate.router(dataplane))
+    app.include_router(openai.router(dataplane))
 
     # -- task endpoints (v1) --
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from service.heads.base import Encoded, TextEncoder
 from service.heads.classification import ClassificationHead
+from service.heads.generation import GenerationHead
 from service.heads.matching import MatchingHead
 
-HEADS: dict[str, type[TextEncoder]] = {
+HEADS: dict[str, type[TextEncoder] | type[GenerationHead]] = {
     "classification": ClassificationHead,
     "matching": MatchingHead,
+    "generation": GenerationHead,
 }
+"""Encoder heads (TextEncoder: batched through an InstancePool) and the generation head (an engine)."""
 
-__all__ = ["HEADS", "ClassificationHead", "Encoded", "MatchingHead", "TextEncoder"]
+__all__ = ["HEADS", "ClassificationHead", "Encoded", "GenerationHead", "MatchingHead", "TextEncoder"]

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from service.repository import MODEL_CONFIG_FILE
+from tests.servers import Server, start_server
 
 
 @pytest.fixture
@@ -97,3 +99,35 @@ def _direct(repo: Path, model: str, texts: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
+
+
+# ---------------------------------------------------------------- generation (tests/service/generation_repo.py)
+
+
+@pytest.fixture(scope="session")
+def generation_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with a tiny random Llama, served as tiny-llm and as tiny-llm-narrow."""
+    from .generation_repo import publish_tiny_generator
+
+    return publish_tiny_generator(tmp_path_factory.mktemp("genrepo"), tmp_path_factory.mktemp("genwork"))
+
+
+@pytest.fixture(scope="session")
+def generation_server(generation_repo: Path) -> Iterator[Server]:
+    running = start_server(generation_repo)
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def generation_model() -> str:
+    from .generation_repo import GENERATION_MODEL
+
+    return GENERATION_MODEL
+
+
+@pytest.fixture(scope="session")
+def narrow_model() -> str:
+    from .generation_repo import NARROW_MODEL
+
+    return NARROW_MODEL
