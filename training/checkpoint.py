@@ -44,6 +44,15 @@ class HeadInfo(BaseModel):
     text_pair: bool = False
     source: str = ""
     source_dir: str | None = None
+    # Generation (task "lm"): what a chat server needs beside the weights. max_length is then the
+    # context length: prompt and new tokens together.
+    chat_template: str | None = None
+    """Jinja chat template (Hugging Face's format) rendering messages into a prompt."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end a sequence, the eos id first."""
+    bos_token: str | None = None
+    """Texts of the special tokens the chat template may reference."""
+    eos_token: str | None = None
 
 
 @dataclass

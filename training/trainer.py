@@ -214,10 +214,11 @@ class Trainer:
         )
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        # DDP hooks gradients through the wrapper's forward; targets call model(...) for each side.
+        # Model.loss, with the forward through the wrapper: DDP syncs gradients from its forward.
+        target = self.model.target
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return self.model.target.loss(_Forwarder(self.model, self.wrapped), batch)
+            return target.loss(self.wrapped(**target.inputs(batch)), batch)
 
     def train(self, records: list[dict], dev_records: list[dict] | None = None, resume: bool = False) -> TrainResult:
         s = self.settings
@@ -311,7 +312,7 @@ class Trainer:
             chunk = records[i : i + batch_size]
             ids = list(range(i, i + len(chunk)))
             batch = to_device(self.collator(chunk, ids, epoch=0), self.device)
-            loss, metrics = self.model.target.loss(self.model, batch)
+            loss, metrics = self.model.loss(batch)
             for key, value in {"loss": float(loss), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(chunk)
             count += len(chunk)
@@ -338,19 +339,6 @@ class Trainer:
             TimeRemainingColumn(),
             disable=not (self.settings.progress and self.env.is_main),
         )
-
-
-class _Forwarder:
-    """Looks like the model to a target's loss, but routes forward calls through the DDP wrapper."""
-
-    def __init__(self, model: Model, wrapped: torch.nn.Module) -> None:
-        self._model, self._wrapped = model, wrapped
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
 
 
 class _nullcontext:

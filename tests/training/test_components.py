@@ -3,6 +3,7 @@ import torch
 
 from training.components import EMBEDDINGS, ENCODERS, POOLING, REGISTRIES, TARGETS
 from training.components.layers import sinusoidal_table
+from training.config import COMPONENT_NAMES
 from training.model import build_model
 
 from .conftest import shrink
@@ -24,6 +25,12 @@ def test_registries_hold_every_component_the_design_names():
     assert {"mlm", "lm", "seq2seq_lm", "cls", "pair_cls", "contrastive"} <= set(TARGETS)
     assert {"cls", "mean", "max"} <= set(POOLING)
     assert set(REGISTRIES) >= {"embeddings", "encoders", "target_embeddings", "decoders", "targets"}
+
+
+def test_config_validation_knows_exactly_the_registered_names():
+    """Configs validate against a torch-free copy of the names; it must not drift from the registries."""
+    assert {kind: set(registry) for kind, registry in REGISTRIES.items()} == {
+        kind: set(names) for kind, names in COMPONENT_NAMES.items()}
 
 
 def test_padding_does_not_change_real_tokens_outputs():

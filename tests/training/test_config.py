@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -18,7 +20,7 @@ def test_named_configs_exist_and_validate():
 
 @pytest.mark.parametrize(
     ("name", "millions"),
-    [("bert-base", 109.5), ("gpt2", 124.4), ("t5-small", 60.5), ("minilm-l6", 22.6)],
+    [("bert-base", 109.5), ("gpt2", 124.4), ("t5-small", 60.5), ("minilm-l6", 22.6), ("smollm2-135m", 134.5)],
 )
 def test_reference_configs_have_the_published_sizes(name, millions):
     # Parameter counts of the published models (tied weights counted once).
@@ -34,6 +36,13 @@ def test_unknown_component_is_rejected_at_load(tmp_path):
     raw["target"]["name"] = "nope"
     with pytest.raises(ValidationError, match="unknown target 'nope'"):
         ModelConfig.model_validate(raw)
+
+
+def test_reading_a_config_does_not_import_torch():
+    code = ("import sys; from training.config import load_config; load_config('t5-small'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_typo_in_a_field_is_rejected():

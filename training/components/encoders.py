@@ -60,10 +60,14 @@ class TransformerStack(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        from_layer: int = 0,
+        layer_inputs: list[torch.Tensor] | None = None,
     ) -> StackOutput:
         """x: (B, Tq, H). attention_mask: (B, past+Tq) of 1/0 over the keys this stack attends to.
         position_ids (B, Tq) matter only for RoPE; by default they count the attended tokens, so a
-        left-padded row starts at position 0 exactly as it would alone."""
+        left-padded row starts at position 0 exactly as it would alone. ``from_layer`` resumes with
+        ``x`` as that layer's input and ``layer_inputs`` collects each layer's input: a sensitivity
+        pass that changes layer k reuses the unchanged layers below it."""
         batch, query_length, _ = x.shape
         past_length = past[0][0].shape[2] if past else 0
         key_length = past_length + query_length
@@ -85,7 +89,9 @@ class TransformerStack(nn.Module):
                 raise ValueError("cross-attention needs the encoder's attention mask")
             cross_bias = padding_bias(memory_mask, x.dtype)
         new_cache: list[LayerCache] = []
-        for i in range(self.num_layers):
+        for i in range(from_layer, self.num_layers):
+            if layer_inputs is not None:
+                layer_inputs.append(x)
             x, layer_cache = self.layer(i)(
                 x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias, rotary=rotary
             )

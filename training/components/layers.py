@@ -258,15 +258,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FeedForward",
-    "Rotary",
-    "apply_rotary",
-    "rotary_tables",
     "LayerCache",
     "MultiHeadAttention",
     "RelativePositionBias",
+    "Rotary",
     "TransformerLayer",
+    "apply_rotary",
     "causal_bias",
     "masked_mean",
     "padding_bias",
+    "rotary_tables",
     "sinusoidal_table",
 ]

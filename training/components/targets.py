@@ -1,13 +1,16 @@
 """Targets: the task heads, each with an inference output and a training loss.
 
-``forward`` maps the last stack's states to what is served (logits or embeddings); ``loss`` takes
-the whole model and a collated batch, because some tasks encode two texts (matching) or run the
-decoder (seq2seq). ``task`` names the data format the head trains on (see training.data).
+``forward`` maps the last stack's states to what is served (logits or embeddings). Training is one
+model forward per batch: ``inputs`` says which forward arguments a collated batch becomes (both
+texts of a pair in one padded batch; the decoder's inputs for seq2seq), and ``loss`` scores what
+that forward produced against the batch's labels. The model call stays with the caller, so a DDP
+wrapper's forward is the one that runs. ``task`` names the data format the head trains on (see
+training.data).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +20,10 @@ from training.components.activations import ACTIVATIONS
 from training.components.pooling import POOLING
 from training.config import ModelConfig
 
-if TYPE_CHECKING:
-    from training.model import Model
-
 Metrics = dict[str, float]
+Inputs = dict[str, torch.Tensor]
 IGNORE = -100
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _vocab_projection(config: ModelConfig, word_weight: nn.Parameter, bias: bool) -> nn.Linear:
@@ -43,7 +45,12 @@ class Target(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
+    def inputs(self, batch: dict) -> Inputs:
+        """The model's forward arguments for ``batch``: its token inputs."""
+        return {key: batch[key] for key in TOKEN_INPUTS if batch.get(key) is not None}
+
+    def loss(self, output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        """Score ``output`` (the model's forward on ``inputs(batch)``) against the batch's labels."""
         raise NotImplementedError
 
 
@@ -69,8 +76,7 @@ class MLMTarget(Target):
             hidden = self.transform(hidden)
         return self.decoder(hidden)  # (B, T, V)
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    def loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
         labels = batch["labels"]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
         masked = labels.ne(IGNORE)
@@ -90,8 +96,10 @@ class LMTarget(Target):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.decoder(hidden)
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = model(batch["input_ids"], batch["attention_mask"])
+    def inputs(self, batch: dict) -> Inputs:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
         shifted = logits[:, :-1].flatten(0, 1).float()
         labels = batch["labels"][:, 1:].flatten()
         loss = F.cross_entropy(shifted, labels, ignore_index=IGNORE)
@@ -108,13 +116,11 @@ class Seq2SeqLMTarget(LMTarget):
             hidden = hidden * self.config.hidden_size**-0.5
         return self.decoder(hidden)
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            decoder_input_ids=batch["decoder_input_ids"],
-            decoder_attention_mask=batch["decoder_attention_mask"],
-        )
+    def inputs(self, batch: dict) -> Inputs:
+        keys = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+        return {key: batch[key] for key in keys}
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
         return loss, {"perplexity": float(torch.exp(loss.detach().clamp(max=20)))}
 
@@ -169,8 +175,7 @@ class ClassificationTarget(Target):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pooler(hidden, attention_mask)))  # (B, labels)
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    def loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return _classification_metrics(logits, batch["labels"])
 
 
@@ -184,9 +189,10 @@ class EmbeddingTarget(Target):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pooler(hidden, attention_mask)  # (B, H)
 
-    def embed_pair(self, model: Model, a: dict, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, batch: dict) -> Inputs:
         """Both sides in one forward pass (padded to a common length): one DDP forward per step,
         and one bigger matrix multiply instead of two."""
+        a, b = batch["a"], batch["b"]
         length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
 
         def padded(side: dict, key: str, value: int) -> torch.Tensor:
@@ -194,11 +200,17 @@ class EmbeddingTarget(Target):
             return F.pad(t, (0, length - t.shape[1]), value=value)
 
         pad = self.config.pad_token_id
-        ids = torch.cat([padded(a, "input_ids", pad), padded(b, "input_ids", pad)])
-        mask = torch.cat([padded(a, "attention_mask", 0), padded(b, "attention_mask", 0)])
-        types = torch.cat([padded(a, "token_type_ids", 0), padded(b, "token_type_ids", 0)])
-        out = model(ids, mask, types)
-        return out[: a["input_ids"].shape[0]], out[a["input_ids"].shape[0] :]
+        return {
+            "input_ids": torch.cat([padded(a, "input_ids", pad), padded(b, "input_ids", pad)]),
+            "attention_mask": torch.cat([padded(a, "attention_mask", 0), padded(b, "attention_mask", 0)]),
+            "token_type_ids": torch.cat([padded(a, "token_type_ids", 0), padded(b, "token_type_ids", 0)]),
+        }
+
+    @staticmethod
+    def sides(embeddings: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's output split back into side a's rows and side b's."""
+        count = batch["a"]["input_ids"].shape[0]
+        return embeddings[:count], embeddings[count:]
 
 
 class PairClassificationTarget(EmbeddingTarget):
@@ -213,8 +225,8 @@ class PairClassificationTarget(EmbeddingTarget):
     def classify(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.cat([u, v, (u - v).abs()], dim=-1))
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        logits = self.classify(*self.embed_pair(model, batch["a"], batch["b"]))
+    def loss(self, embeddings: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        logits = self.classify(*self.sides(embeddings, batch))
         return _classification_metrics(logits, batch["labels"])
 
 
@@ -223,8 +235,8 @@ class ContrastiveTarget(EmbeddingTarget):
 
     task = "matching"
 
-    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        a, b = (F.normalize(side, dim=-1) for side in self.embed_pair(model, batch["a"], batch["b"]))
+    def loss(self, embeddings: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        a, b = (F.normalize(side, dim=-1) for side in self.sides(embeddings, batch))
         scores = a @ b.T * self.config.target.contrastive_scale  # (B, B) cosine similarities, scaled
         labels = torch.arange(scores.shape[0], device=scores.device)
         loss = F.cross_entropy(scores.float(), labels)

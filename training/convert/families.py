@@ -400,7 +400,8 @@ def _llama_to_ours(hf: dict[str, Any], arch: str, extra: dict[str, Any]) -> Mode
         layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
         pad_token_id=pad if pad is not None else (eos if eos is not None else 0),
         eos_token_id=eos,
-        embedding=EmbeddingConfig(parts=("word",), layernorm=False, max_position=hf.get("max_position_embeddings", 2048)),
+        embedding=EmbeddingConfig(parts=("word",), layernorm=False,
+                                  max_position=hf.get("max_position_embeddings", 2048)),
         encoder=StackConfig(
             num_layers=hf["num_hidden_layers"],
             layernorm_positioning="pre",
