@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from quantizer.decoder_export import OrtDecoder, left_padded, torch_greedy
 from quantizer.engines import ort_session
 from quantizer.export import export_decoder
-from tests.quantizer.tiny_llama import tiny_llama
+from tests.tiny_llama import tiny_llama
 
 
 @pytest.fixture(scope="module")

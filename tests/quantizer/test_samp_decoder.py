@@ -11,7 +11,7 @@ import torch
 from quantizer.decoder_export import OrtDecoder, left_padded
 from quantizer.engines import ort_session
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings, build_blockwise
-from tests.quantizer.tiny_llama import tiny_llama
+from tests.tiny_llama import tiny_llama
 from training.data.gettext_topics import load_gettext_topics
 
 SETTINGS = DecoderSampSettings(sequences=8, length=32, min_agreement=0.9, max_perplexity_increase=0.05,

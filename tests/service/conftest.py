@@ -106,7 +106,8 @@ def _direct(repo: Path, model: str, texts: list[str]) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def generation_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with a tiny random Llama, served as tiny-llm and as tiny-llm-narrow."""
+    """A repository with the tiny random Llama (tests/tiny_llama.py), served as tiny-llm, tiny-llm-narrow and
+    tiny-llm-short, beside tiny-llm-unpublished (tests/service/generation_repo.py)."""
     from .generation_repo import publish_tiny_generator
 
     return publish_tiny_generator(tmp_path_factory.mktemp("genrepo"), tmp_path_factory.mktemp("genwork"))

@@ -1,16 +1,20 @@
 """Triton's generate extension (``/v2/models/{m}/generate`` and ``/generate_stream``) with plain httpx
-against the real server (tritonclient has no client for it), and a scripted engine in process for
-an error after the first event and a client leaving mid-stream."""
+(tritonclient has no client for it) against the real server generating with a tiny random Llama
+(tests/service/generation_repo.py), in a subprocess, and in process where a test reaches the loaded
+engine (an error after the first event) or a setting (the request timeout). A client leaving a stream
+is tested on the OpenAI routes (tests/service/test_openai.py): both send events through one class."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from .fake_generation import MODEL, scripted_server
+from service.generation import SamplingParams
+
+from .generation_repo import GENERATION_MODEL, LONG, NARROW_MODEL, UNPUBLISHED_MODEL, serve_in_process, wait_for_metric
 
 ASK = {"text_input": "The quick brown fox", "parameters": {"max_tokens": 10, "ignore_eos": True}}
 
@@ -73,6 +77,7 @@ def test_generation_metadata_and_infer_refused(generation_server, generation_mod
     ("/v2/models/{m}/generate", {"text_input": "x", "parameters": {"max_tokens": 100_000}}, 400, "max_model_len"),
     ("/v2/models/nope/generate", {"text_input": "x"}, 404, "nope"),
     ("/v2/models/{m}/versions/7/generate_stream", {"text_input": "x"}, 404, "version 7"),
+    (f"/v2/models/{UNPUBLISHED_MODEL}/generate_stream", {"text_input": "x"}, 503, "no version published yet"),
 ])
 def test_errors_are_the_protocols(generation_server, generation_model, path, body, status, needle):
     response = generation_server.http.post(path.format(m=generation_model), json=body)
@@ -82,13 +87,9 @@ def test_errors_are_the_protocols(generation_server, generation_model, path, bod
 
 def test_a_full_queue_is_429_on_generate_stream(generation_server, narrow_model):
     """With the narrow model's slot and queue taken, a stream is refused with a status, not an event."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .generation_repo import wait_for_metric
-
     server, labels = generation_server, {"model": narrow_model, "version": "1"}
     # sampled: greedy decoding of this random model holds its text back as partial UTF-8 to the end
-    long = {"text_input": "The", "parameters": {"max_tokens": 2000, "ignore_eos": True, "temperature": 1, "seed": 1}}
+    long = {"text_input": "The", "parameters": {"max_tokens": LONG, "ignore_eos": True, "temperature": 1, "seed": 1}}
     with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
         with http.stream("POST", f"/v2/models/{narrow_model}/generate_stream", json=long) as running:
             lines = running.iter_lines()
@@ -101,40 +102,40 @@ def test_a_full_queue_is_429_on_generate_stream(generation_server, narrow_model)
         assert queued.result().status_code == 200
 
 
-# ---------------------------------------------------------------- a scripted engine, in process
+# ---------------------------------------------------------------- the real server, in process
 
 
-async def test_an_error_after_the_first_event_is_one_error_event(tmp_path):
-    from service.errors import ModelFailure
-
-    async with scripted_server(tmp_path) as server:
-        server.engine.fail = ModelFailure("runtime failed")
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            response = await http.post(f"/v2/models/{MODEL}/generate_stream", json={"text_input": "hi"})
-        assert response.status_code == 200
-        assert _events(response.text) == [{"model_name": MODEL, "model_version": "3", "text_output": "Hello"},
-                                          {"error": "runtime failed"}]
-        assert server.count("generate_stream", "internal") == 1
-
-
-async def test_a_client_leaving_generate_stream_frees_the_sequence(tmp_path):
-    async with scripted_server(tmp_path) as server:
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            async with http.stream("POST", f"/v2/models/{MODEL}/versions/3/generate_stream",
-                                   json={"text_input": "hi", "parameters": {"max_tokens": 5}}) as response:
-                first = json.loads((await anext(response.aiter_lines())).removeprefix("data: "))
-                assert first["text_output"] == "Hello"
-            await asyncio.wait_for(server.engine.closed.wait(), 5)
-        _, params = server.engine.calls[0]
-        assert params.temperature == 0 and params.max_tokens == 5  # the extension's default is greedy
+async def test_an_error_after_the_first_event_is_one_error_event(generation_repo):
+    """The model's engine closes without draining while a stream runs: after the events already sent,
+    one ``{"error": ...}`` event names the reason and ends the stream."""
+    # sampled: the greedy text of this random model is mostly partial UTF-8, held back to the end
+    ask = {"text_input": "The", "parameters": {"max_tokens": LONG, "ignore_eos": True, "temperature": 1, "seed": 1}}
+    async with serve_in_process(generation_repo) as server, httpx.AsyncClient(base_url=server.url) as http:
+        async with http.stream("POST", f"/v2/models/{GENERATION_MODEL}/generate_stream", json=ask) as response:
+            assert response.status_code == 200
+            chunks, raw = response.aiter_bytes(), b""
+            while b"\n\n" not in raw:
+                raw += await anext(chunks)
+            await server.models.generator(GENERATION_MODEL).engine.close(drain=False)
+            async for chunk in chunks:
+                raw += chunk
+        events = _events(raw.decode())
+        assert events[0]["model_name"] == GENERATION_MODEL and events[0]["text_output"]
+        assert events[-1] == {"error": f"{GENERATION_MODEL}/1 is shutting down"}
+        assert not any("finish_reason" in e for e in events) and len(events) < LONG
+        assert server.count(GENERATION_MODEL, "generate_stream", "unavailable") == 1
 
 
-async def test_refusals_before_the_first_token_are_statuses(tmp_path):
-    from service.errors import DeadlinePassed, NotReady, Overloaded
-
-    async with scripted_server(tmp_path) as server, httpx.AsyncClient(base_url=server.url) as http:
-        for error, status in ((Overloaded("queue full"), 429), (DeadlinePassed("late"), 504),
-                              (NotReady("closing"), 503)):
-            server.engine.refuse = error
-            response = await http.post(f"/v2/models/{MODEL}/generate_stream", json={"text_input": "hi"})
-            assert response.status_code == status and response.json() == {"error": error.message}
+async def test_a_deadline_passing_in_the_queue_is_504_before_the_stream(generation_repo):
+    """The narrow model's one slot is held by a long generation; a stream queued behind it gets no token
+    within the request timeout: 504 with the protocol's error body, not an event."""
+    async with serve_in_process(generation_repo, request_timeout_s=0.05) as server:
+        holder = await server.dataplane.generate(NARROW_MODEL, None, prompt="The", timeout_s=60,
+                                                 params=SamplingParams(max_tokens=LONG, ignore_eos=True))
+        try:
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                response = await http.post(f"/v2/models/{NARROW_MODEL}/generate_stream", json={"text_input": "hi"})
+            assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
+            assert server.models.generator(NARROW_MODEL).engine.stats().waiting == 0
+        finally:
+            await holder.aclose()

@@ -1,10 +1,10 @@
-"""gRPC ``sampserve.v1.Tasks/Generate``, server streaming, with grpcio's client: against the real
-server generating with a tiny random Llama, and against a scripted engine in process for a cancelled
-call, an error after the first response and refusals before it."""
+"""gRPC ``sampserve.v1.Tasks/Generate``, server streaming, with grpcio's client against the real server
+generating with a tiny random Llama (tests/service/generation_repo.py), in a subprocess, and in process
+where a test reaches the loaded engine (an error after the first response) or a setting (the request
+timeout)."""
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,9 +12,17 @@ import pytest
 
 from service.api.grpc_gen import sampserve_pb2 as pb
 from service.api.grpc_gen import sampserve_pb2_grpc as pb_grpc
+from service.generation import SamplingParams
 
-from .fake_generation import MODEL, scripted_server
-from .generation_repo import metric, wait_for_metric
+from .generation_repo import (
+    GENERATION_MODEL,
+    LONG,
+    NARROW_MODEL,
+    UNPUBLISHED_MODEL,
+    metric,
+    serve_in_process,
+    wait_for_metric,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +45,16 @@ def test_generate_streams_deltas_then_finish_and_usage(tasks, generation_server,
     rest = generation_server.http.post(f"/v2/models/{generation_model}/generate", json={
         "text_input": "The quick brown fox", "parameters": {"max_tokens": 10, "ignore_eos": True}}).json()
     assert "".join(r.text for r in responses) == rest["text_output"]
+
+
+def test_unset_sampling_fields_are_the_defaults(tasks, generation_model):
+    """No sampling message: greedy, 16 new tokens at most."""
+    unset = list(tasks.Generate(pb.GenerateRequest(model=generation_model, prompt="Paris is",
+                                                   sampling=pb.SamplingParameters(ignore_eos=True)), timeout=30))
+    greedy = list(tasks.Generate(pb.GenerateRequest(model=generation_model, prompt="Paris is", sampling=(
+        pb.SamplingParameters(ignore_eos=True, temperature=0, max_tokens=16))), timeout=30))
+    assert unset[-1].usage.completion_tokens == 16 and unset[-1].finish_reason == "length"
+    assert [t for r in unset for t in r.token_ids] == [t for r in greedy for t in r.token_ids]
 
 
 def test_generate_from_chat_messages(tasks, generation_model):
@@ -62,6 +80,7 @@ def test_generate_from_chat_messages(tasks, generation_model):
      grpc.StatusCode.INVALID_ARGUMENT, "max_model_len"),
     (pb.GenerateRequest(model="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, "nope"),
     (pb.GenerateRequest(model="tiny-llm", version="4", prompt="x"), grpc.StatusCode.NOT_FOUND, "version 4"),
+    (pb.GenerateRequest(model=UNPUBLISHED_MODEL, prompt="x"), grpc.StatusCode.UNAVAILABLE, "no version published yet"),
 ])
 def test_errors_have_the_right_status(tasks, request_, code, needle):
     with pytest.raises(grpc.RpcError) as error:
@@ -72,8 +91,9 @@ def test_errors_have_the_right_status(tasks, request_, code, needle):
 def test_overload_is_resource_exhausted_and_a_cancelled_call_frees_its_slot(tasks, generation_server, narrow_model):
     server, labels = generation_server, {"model": narrow_model, "version": "1"}
     tokens_before = metric(server, "sampserve_generation_tokens_total", **labels)
+    gone_before = metric(server, "sampserve_requests_total", endpoint="generate", outcome="client_gone", **labels)
     long = pb.GenerateRequest(model=narrow_model, prompt="The", sampling=pb.SamplingParameters(
-        max_tokens=2000, ignore_eos=True, temperature=1, seed=1))
+        max_tokens=LONG, ignore_eos=True, temperature=1, seed=1))
     short = pb.GenerateRequest(model=narrow_model, prompt="The", sampling=pb.SamplingParameters(max_tokens=2))
     running = tasks.Generate(long, timeout=60)
     next(running)  # the sequence runs
@@ -87,49 +107,48 @@ def test_overload_is_resource_exhausted_and_a_cancelled_call_frees_its_slot(task
         assert queued.result()[-1].finish_reason  # the cancelled call's slot went to the queued one
     wait_for_metric(server, "sampserve_sequences_running", 0, **labels)
     assert metric(server, "sampserve_generation_tokens_total", **labels) - tokens_before < 1000
+    wait_for_metric(server, "sampserve_requests_total", gone_before + 1, endpoint="generate", outcome="client_gone",
+                    **labels)
 
 
-# ---------------------------------------------------------------- a scripted engine, in process
+# ---------------------------------------------------------------- the real server, in process
 
 
-async def test_a_cancelled_call_closes_the_engines_stream(tmp_path):
-    async with scripted_server(tmp_path) as server, grpc.aio.insecure_channel(server.grpc_target) as channel:
-        call = pb_grpc.TasksStub(channel).Generate(pb.GenerateRequest(model=MODEL, prompt="hi"))
+async def test_an_error_after_the_first_response_is_the_calls_status(generation_repo):
+    """The model's engine closes without draining while a call streams: after the responses already
+    sent, the call ends with UNAVAILABLE naming the reason (and the request id in its trailers)."""
+    request = pb.GenerateRequest(model=GENERATION_MODEL, prompt="The", sampling=pb.SamplingParameters(
+        max_tokens=LONG, ignore_eos=True))
+    async with serve_in_process(generation_repo) as server, grpc.aio.insecure_channel(server.grpc_target) as channel:
+        call = pb_grpc.TasksStub(channel).Generate(request)
         first = await call.read()
-        assert first.text == "Hello" and first.token_ids == [7] and first.version == 3
-        call.cancel()
-        await asyncio.wait_for(server.engine.closed.wait(), 5)  # it would otherwise wait forever
-        for _ in range(100):
-            if server.count("generate", "client_gone"):
-                break
-            await asyncio.sleep(0.01)
-        assert server.count("generate", "client_gone") == 1
-        _, params = server.engine.calls[0]
-        assert params.temperature == 0 and params.max_tokens == 16  # unset fields: the defaults
-
-
-async def test_an_error_after_the_first_response_is_the_calls_status(tmp_path):
-    from service.errors import NotReady
-
-    async with scripted_server(tmp_path) as server, grpc.aio.insecure_channel(server.grpc_target) as channel:
-        server.engine.fail = NotReady("shutting down")
-        call = pb_grpc.TasksStub(channel).Generate(pb.GenerateRequest(model=MODEL, prompt="hi"))
-        assert (await call.read()).text == "Hello"
+        assert first.model == GENERATION_MODEL and first.version == 1 and len(first.token_ids) == 1
+        await server.models.generator(GENERATION_MODEL).engine.close(drain=False)
+        responses = 1
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call.read()
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and error.value.details() == "shutting down"
+            while True:
+                response = await call.read()
+                assert response is not grpc.aio.EOF and not response.finish_reason
+                responses += 1
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
+        assert error.value.details() == f"{GENERATION_MODEL}/1 is shutting down" and responses < LONG
         assert dict(error.value.trailing_metadata())["x-request-id"]
+        assert server.count(GENERATION_MODEL, "generate", "unavailable") == 1
 
 
-async def test_refusals_before_the_first_response(tmp_path):
-    from service.errors import DeadlinePassed, Overloaded
-
-    async with scripted_server(tmp_path) as server, grpc.aio.insecure_channel(server.grpc_target) as channel:
-        stub = pb_grpc.TasksStub(channel)
-        for error, code in ((Overloaded("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-                            (DeadlinePassed("no token in time"), grpc.StatusCode.DEADLINE_EXCEEDED)):
-            server.engine.refuse = error
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                async for _ in stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hi")):
-                    pass
-            assert raised.value.code() == code and raised.value.details() == error.message
+async def test_a_deadline_passing_in_the_queue_is_deadline_exceeded(generation_repo):
+    """The narrow model's one slot is held by a long generation; a call queued behind it gets no token
+    within the request timeout: DEADLINE_EXCEEDED from the server, before any response."""
+    async with serve_in_process(generation_repo, request_timeout_s=0.05) as server:
+        holder = await server.dataplane.generate(NARROW_MODEL, None, prompt="The", timeout_s=60,
+                                                 params=SamplingParams(max_tokens=LONG, ignore_eos=True))
+        try:
+            async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+                call = pb_grpc.TasksStub(channel).Generate(pb.GenerateRequest(model=NARROW_MODEL, prompt="hi"))
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await call.read()
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "deadline" in error.value.details() and "Deadline Exceeded" not in error.value.details()
+            assert server.models.generator(NARROW_MODEL).engine.stats().waiting == 0
+        finally:
+            await holder.aclose()

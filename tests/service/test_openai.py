@@ -1,10 +1,10 @@
 """OpenAI-compatible completions and chat completions: the official ``openai`` client against the real
-server generating with a tiny random Llama, and a scripted engine in process for what the real one
-cannot make deterministic (a client leaving mid-stream, an error after the first token)."""
+server generating with a tiny random Llama (tests/service/generation_repo.py), in a subprocess, and in
+process where a test reaches the loaded engine (an error after the first token) or a setting (the
+request timeout)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +13,19 @@ import httpx
 import openai
 import pytest
 
-from .fake_generation import MODEL, scripted_server
-from .generation_repo import metric, wait_for_metric
+from service.generation import SamplingParams
+
+from .generation_repo import (
+    GENERATION_MODEL,
+    LONG,
+    NARROW_MODEL,
+    SHORT_CONTEXT,
+    SHORT_MODEL,
+    UNPUBLISHED_MODEL,
+    metric,
+    serve_in_process,
+    wait_for_metric,
+)
 
 GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
 
@@ -78,10 +89,25 @@ def test_sampling_with_a_seed_is_reproducible(client, generation_model):
 
 
 def test_default_max_tokens(client, generation_model):
-    """Completions default to 16 new tokens (OpenAI's default); chat to what the context leaves."""
+    """Completions default to 16 new tokens (OpenAI's default); chat to what the context leaves after the
+    prompt, the context being the engine's max_model_len: config.json's (64 for the short model), not
+    head.json's max_length (2048)."""
     out = client.completions.create(model=generation_model, prompt="Paris", temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model=SHORT_MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length" and 10 < chat.usage.prompt_tokens < SHORT_CONTEXT
+    assert chat.usage.completion_tokens == SHORT_CONTEXT - chat.usage.prompt_tokens
+
+
+def test_default_temperature_is_openais(client, generation_model):
+    """No temperature: 1, as OpenAI's (the v2 extension and gRPC default to greedy)."""
+    ask = {"model": generation_model, "messages": [{"role": "user", "content": "Name a colour."}], "seed": 11,
+           "max_tokens": 24, "extra_body": {"ignore_eos": True}}
+    unset = client.chat.completions.create(**ask).choices[0].message.content
+    assert client.chat.completions.create(**ask, temperature=1.0).choices[0].message.content == unset
+    assert client.chat.completions.create(**ask, temperature=0).choices[0].message.content != unset
 
 
 def test_raw_event_stream(generation_server, generation_model):
@@ -134,11 +160,16 @@ def test_prompt_and_message_errors(client, generation_server, generation_model):
     assert parts.usage.completion_tokens <= 2
 
 
-def test_unknown_model_is_404(client):
+def test_unknown_model_is_404_and_a_model_not_ready_503(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", stream=True)
+    with pytest.raises(openai.InternalServerError) as error:  # a status before the stream, not an event
+        client.chat.completions.create(model=UNPUBLISHED_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       stream=True)
+    assert error.value.status_code == 503 and error.value.body["type"] == "unavailable"
+    assert "no version published yet" in error.value.body["message"]
 
 
 def test_a_full_queue_is_429_at_once_and_a_disconnect_frees_the_slot(generation_server, narrow_model):
@@ -160,6 +191,9 @@ def test_a_full_queue_is_429_at_once_and_a_disconnect_frees_the_slot(generation_
             refused = server.http.post("/v1/completions", json=short)
             assert refused.status_code == 429 and time.perf_counter() - start < 1, refused.text
             assert refused.json()["error"]["type"] == "resource_exhausted"
+            chat = {"model": narrow_model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            refused = server.http.post("/v1/chat/completions", json=chat)  # a status, not an event stream
+            assert refused.status_code == 429 and "max_waiting" in refused.json()["error"]["message"]
         # the client of the long stream has gone: the queued request gets the slot and finishes
         assert queued.result().status_code == 200 and queued.result().json()["usage"]["completion_tokens"] == 4
     wait_for_metric(server, "sampserve_sequences_running", 0, **labels)
@@ -169,54 +203,45 @@ def test_a_full_queue_is_429_at_once_and_a_disconnect_frees_the_slot(generation_
                   **labels) == gone_before + 1
 
 
-# ---------------------------------------------------------------- a scripted engine, in process
+# ---------------------------------------------------------------- the real server, in process
+
+CHAT = {"model": GENERATION_MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
+        "max_tokens": LONG, "ignore_eos": True}
 
 
-async def test_a_client_leaving_mid_stream_frees_the_sequence(tmp_path):
-    async with scripted_server(tmp_path) as server:
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                lines = response.aiter_lines()
-                first = json.loads((await anext(lines)).removeprefix("data: "))
-                assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-            # the engine would wait forever for ``release``: only the disconnect can close it
-            await asyncio.wait_for(server.engine.closed.wait(), 5)
-        for _ in range(100):
-            if server.count("chat_completions", "client_gone"):
-                break
-            await asyncio.sleep(0.01)
-        assert server.count("chat_completions", "client_gone") == 1
-        prompt, params = server.engine.calls[0]
-        assert params.temperature == 1.0 and params.max_tokens == 64 - len(prompt)  # OpenAI's defaults
-
-
-async def test_an_error_after_the_first_token_is_one_event(tmp_path):
-    from service.errors import NotReady
-
-    async with scripted_server(tmp_path) as server:
-        server.engine.fail = NotReady("the engine is shutting down")
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            body = {"model": MODEL, "prompt": "hi", "stream": True}
-            response = await http.post("/v1/completions", json=body)
-        assert response.status_code == 200
-        events = _events(response.text)
-        assert json.loads(events[0])["choices"][0]["text"] == "Hello"
-        assert json.loads(events[-1]) == {"error": {"message": "the engine is shutting down",
+async def test_an_error_after_the_first_token_is_one_event(generation_repo):
+    """The model's engine closes without draining while a stream runs (as when a version is dropped
+    without waiting): the stream ends with one error event naming the reason, and no [DONE]."""
+    async with serve_in_process(generation_repo) as server, httpx.AsyncClient(base_url=server.url) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+            assert response.status_code == 200
+            chunks, raw = response.aiter_bytes(), b""
+            while b"\n\n" not in raw:  # the first event: the first token is computed
+                raw += await anext(chunks)
+            await server.models.generator(GENERATION_MODEL).engine.close(drain=False)
+            async for chunk in chunks:
+                raw += chunk
+        events = _events(raw.decode())
+        assert json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert json.loads(events[-1]) == {"error": {"message": f"{GENERATION_MODEL}/1 is shutting down",
                                                     "type": "unavailable", "code": 503}}
-        assert "[DONE]" not in events
-        assert server.count("completions", "unavailable") == 1 and server.engine.closed.is_set()
+        assert "[DONE]" not in events and len(events) < LONG
+        assert server.count(GENERATION_MODEL, "chat_completions", "unavailable") == 1
 
 
-async def test_an_error_before_the_first_token_is_a_status(tmp_path):
-    from service.errors import DeadlinePassed, Overloaded
-
-    async with scripted_server(tmp_path) as server:
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            for error, status in ((Overloaded("queue full"), 429), (DeadlinePassed("no token in time"), 504)):
-                server.engine.refuse = error
-                response = await http.post("/v1/chat/completions", json={
-                    "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True})
-                assert response.status_code == status
-                assert response.json()["error"]["message"] == error.message
-        assert server.count("chat_completions", "resource_exhausted") == 1
+async def test_a_deadline_passing_in_the_queue_is_504_before_the_stream(generation_repo):
+    """The narrow model's one slot is held by a long generation; a stream queued behind it gets no token
+    within the request timeout: 504 with a JSON body, and it has left the queue."""
+    async with serve_in_process(generation_repo, request_timeout_s=0.05) as server:
+        holder = await server.dataplane.generate(NARROW_MODEL, None, prompt="The", timeout_s=60,
+                                                 params=SamplingParams(max_tokens=LONG, ignore_eos=True))
+        try:
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                response = await http.post("/v1/chat/completions", json={**CHAT, "model": NARROW_MODEL})
+            assert response.status_code == 504, response.text
+            error = response.json()["error"]
+            assert error["type"] == "deadline_exceeded" and "deadline" in error["message"]
+            assert server.models.generator(NARROW_MODEL).engine.stats().waiting == 0
+            assert server.count(NARROW_MODEL, "chat_completions", "deadline_exceeded") == 1
+        finally:
+            await holder.aclose()

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from service.generation.detokenizer import REPLACEMENT, IncrementalDetokenizer
-from tests.service.generation.conftest import CORPUS
+from tests.tiny_llama import CORPUS
 
 UNSEEN = ["Grüße aus Köln 👩‍👩‍👧 und こんにちは世界 中文测试 🎉🎉", "naïve café — «quotes» ½ ∑ 𝄞 clef"]
 

@@ -12,12 +12,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tokenizers import Tokenizer
 
-from service.errors import DeadlinePassed, InvalidInput, Overloaded
+from service.errors import DeadlinePassed, InvalidInput, ModelFailure, NotReady, Overloaded
 from service.generation import Delta, SamplingParams
 from service.generation.engine import GenerationEngine
 from service.generation.graph import DecoderGraph
 from service.metrics import Metrics
-from tests.service.generation.conftest import CORPUS, EOS_ID, Engines
+from tests.service.generation.conftest import Engines
+from tests.tiny_llama import CORPUS, PAD_ID
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -28,7 +29,7 @@ def params(max_tokens: int, **extra: object) -> SamplingParams:
 
 def reference(graph: DecoderGraph, prompt: list[int], steps: int) -> list[int]:
     """Greedy decoding of one request alone, straight through the graph: no scheduler."""
-    logits, cache = graph.prefill([prompt], EOS_ID)
+    logits, cache = graph.prefill([prompt], PAD_ID)
     out: list[int] = []
     while True:
         out.append(int(logits[0].argmax()))
@@ -67,7 +68,7 @@ def assert_idle(engine: GenerationEngine) -> None:
 async def test_staggered_overlapping_requests_get_exactly_their_greedy_tokens_alone(
         engines: Engines, graph: DecoderGraph, tokenizer: Tokenizer) -> None:
     engine = engines(max_num_seqs=8)
-    asks = [(p, n) for p, n in zip(prompts(tokenizer), (30, 7, 45, 12, 25, 3, 40, 18, 33, 9), strict=True)]
+    asks = [(p, n) for p, n in zip(prompts(tokenizer), (30, 7, 45, 12, 25, 3, 40, 18, 33, 9, 21), strict=True)]
     logs: list[list[Delta]] = [[] for _ in asks]
     most_running = 0
     tasks = []
@@ -251,10 +252,37 @@ async def test_close_without_drain_fails_what_is_left(engines: Engines, tokenize
     engine = engines(max_num_seqs=1)
     prompt = prompts(tokenizer)[0]
     running = engine.generate(prompt, params(90))
+    waiting = engine.generate(prompt, params(5))
     await anext(running)
+    queued = asyncio.create_task(anext(waiting))
+    await until(lambda: engine.stats().waiting == 1)
     await engine.close(drain=False)
-    with pytest.raises(Exception, match="shutting down"):
+    with pytest.raises(NotReady, match="shutting down"):
         await collect(running)
-    with pytest.raises(Exception, match="shutting down"):
+    with pytest.raises(NotReady, match="shutting down"):
+        await queued
+    with pytest.raises(NotReady, match="shutting down"):
         await anext(engine.generate(prompt, params(1)))
     assert not engine.alive
+
+
+async def test_a_runtime_failure_fails_the_sequences_it_hit_and_the_engine_serves_on(
+        engines: Engines, fixed_batch_graph: DecoderGraph, tokenizer: Tokenizer) -> None:
+    """onnxruntime raising in a step (here: a graph exported with a fixed batch of 1, when a second
+    sequence joins) fails the sequences of that step with ModelFailure, after the tokens they already
+    streamed; the engine drops their cache and serves the next request."""
+    engine = engines(graph=fixed_batch_graph, max_model_len=1024, max_kv_tokens=4096, max_batch_prefill_tokens=1024)
+    first, second = prompts(tokenizer)[:2]
+    running = engine.generate(first, params(900))
+    log = [await anext(running)]  # alone: a batch of one runs
+    joining = engine.generate(second, params(5))
+    log.append(await anext(joining))  # its prefill runs alone too; the next step decodes both
+    with pytest.raises(ModelFailure, match=r"the model failed: .*INVALID_ARGUMENT"):
+        await collect(running, log)
+    with pytest.raises(ModelFailure, match="INVALID_ARGUMENT"):
+        await collect(joining, log)
+    assert log and all(d.finish_reason is None for d in log) and len(log) < 900
+    assert engine.alive and engine.stats().running == 0 and engine.stats().kv_tokens == 0
+    deltas = await collect(engine.generate(second, params(5)))
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 5
+    assert_idle(engine)

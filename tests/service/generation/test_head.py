@@ -12,7 +12,8 @@ import pytest
 from service.errors import InvalidInput
 from service.heads import HEADS, GenerationHead
 from service.repository import HEAD_FILE
-from tests.service.generation.conftest import MAX_LENGTH
+from tests.service.generation_repo import CONTEXT
+from tests.tiny_llama import STOP_IDS
 
 
 def _with_template(version_dir: Path, tmp_path: Path, template: str | None) -> Path:
@@ -27,7 +28,7 @@ def _with_template(version_dir: Path, tmp_path: Path, template: str | None) -> P
 def test_registered_with_its_limits(version_dir: Path) -> None:
     head = HEADS["generation"](version_dir)
     assert isinstance(head, GenerationHead)
-    assert head.max_length == MAX_LENGTH and head.stop_token_ids == [0] and head.has_chat_template
+    assert head.max_length == CONTEXT and head.stop_token_ids == STOP_IDS and head.has_chat_template
 
 
 def test_chat_renders_with_the_generation_prompt_and_encodes_special_tokens(version_dir: Path) -> None:
@@ -86,5 +87,5 @@ def test_no_template_or_a_broken_one(version_dir: Path, tmp_path: Path) -> None:
 
 def test_a_prompt_that_fills_the_model_is_refused(version_dir: Path) -> None:
     head = GenerationHead(version_dir)
-    with pytest.raises(InvalidInput, match=rf"prompt is \d+ tokens; the model holds at most {MAX_LENGTH}"):
-        head.encode_prompt("Paris " * MAX_LENGTH)
+    with pytest.raises(InvalidInput, match=rf"prompt is \d+ tokens; the model holds at most {CONTEXT}"):
+        head.encode_prompt("Paris " * CONTEXT)

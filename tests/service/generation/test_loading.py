@@ -23,7 +23,7 @@ from service.repository import (
     publish,
 )
 from service.settings import Settings
-from tests.service.generation.conftest import MAX_LENGTH
+from tests.service.generation_repo import CONTEXT
 
 
 def _repo(tmp_path: Path, version_dir: Path, generation: dict[str, object] | None = None, versions: int = 1) -> Path:
@@ -43,7 +43,7 @@ def _value(metrics: Metrics, name: str, version: int) -> float | None:
 
 
 async def test_a_generation_version_loads_serves_and_unloads(tmp_path: Path, version_dir: Path) -> None:
-    repo = _repo(tmp_path, version_dir, {"max_num_seqs": 4, "max_kv_tokens": 300, "max_waiting": 8})
+    repo = _repo(tmp_path, version_dir, {"max_num_seqs": 4, "max_kv_tokens": 3 * CONTEXT, "max_waiting": 8})
     metrics = Metrics()
     manager = ModelManager(Settings(repo=repo, threads=1, instances=1), metrics)
     await manager.refresh()
@@ -52,7 +52,7 @@ async def test_a_generation_version_loads_serves_and_unloads(tmp_path: Path, ver
     assert isinstance(loaded, GenerationVersion) and manager.served("tiny") is loaded
     limits = loaded.engine.limits
     assert (limits.max_num_seqs, limits.max_kv_tokens, limits.max_model_len, limits.max_waiting) == (
-        4, 300, MAX_LENGTH, 8)
+        4, 3 * CONTEXT, CONTEXT, 8)
     with pytest.raises(InvalidInput, match="generates text"):
         manager.get("tiny")
 
@@ -60,7 +60,7 @@ async def test_a_generation_version_loads_serves_and_unloads(tmp_path: Path, ver
     deltas = [d async for d in loaded.engine.generate(ids, SamplingParams(max_tokens=5, ignore_eos=True))]
     assert deltas[-1].completion_tokens == 5 and deltas[-1].finish_reason == "length"
     assert _value(metrics, "sampserve_generation_tokens_total", 1) == 5
-    assert _value(metrics, "sampserve_kv_cache_capacity_tokens", 1) == 300
+    assert _value(metrics, "sampserve_kv_cache_capacity_tokens", 1) == 3 * CONTEXT
     assert _value(metrics, "sampserve_queue_capacity", 1) == 8
 
     publish(repo / "tiny", {name: version_dir / name for name in (ONNX_FILE, TOKENIZER_FILE, HEAD_FILE)})
@@ -86,17 +86,17 @@ async def test_close_drains_the_streams_in_flight(tmp_path: Path, version_dir: P
 
 async def test_caps_a_long_sequence_could_never_meet_fail_the_load_naming_the_setting(
         tmp_path: Path, version_dir: Path) -> None:
-    manager = ModelManager(Settings(repo=_repo(tmp_path, version_dir, {"max_model_len": MAX_LENGTH + 1}),
-                                    threads=1, instances=1), Metrics())
+    too_long = {"max_model_len": CONTEXT + 1, "max_batch_prefill_tokens": 2 * CONTEXT}
+    manager = ModelManager(Settings(repo=_repo(tmp_path, version_dir, too_long), threads=1, instances=1), Metrics())
     await manager.refresh()
     ready, reason = manager.readiness("tiny")
-    assert not ready and f"generation.max_model_len={MAX_LENGTH + 1} is above the model's max_length" in reason
+    assert not ready and f"generation.max_model_len={CONTEXT + 1} is above the model's max_length" in reason
     await manager.close()
     manager = ModelManager(Settings(repo=_repo(tmp_path / "b", version_dir, {"max_batch_prefill_tokens": 64}),
                                     threads=1, instances=1), Metrics())
     await manager.refresh()
     ready, reason = manager.readiness("tiny")
-    assert not ready and f"generation.max_batch_prefill_tokens=64 is below max_model_len={MAX_LENGTH}" in reason
+    assert not ready and f"generation.max_batch_prefill_tokens=64 is below max_model_len={CONTEXT}" in reason
     await manager.close()
 
 
