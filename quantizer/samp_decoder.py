@@ -41,7 +41,7 @@ from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_decoder
 from quantizer.quantize import apply_plan
 from quantizer.samp import Candidate, SampReport, SampResult
-from quantizer.search import Plan, UnitMeasurement, back_off, plan_from, search
+from quantizer.search import Plan, UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
 from quantizer.units import Unit, find_units, quantization_rate
 from training.checkpoint import Checkpoint
 
@@ -61,6 +61,8 @@ class DecoderSampSettings(BaseModel):
     sequences: int = Field(16, ge=2, description="Held-out sequences in each of dev and test.")
     length: int = Field(64, ge=16, description="Tokens per held-out sequence.")
     context: int = Field(8, ge=1, description="Tokens prefilled before the scored decode steps.")
+    sensitivity_sequences: int = Field(
+        8, ge=1, description="Dev sequences of the per-unit pass (each unit costs a forward over them).")
     threads: int | None = Field(None, ge=1)
     repeats: int = Field(5, ge=1)
     latency_batches: tuple[int, ...] = (1, 8)
@@ -239,18 +241,26 @@ class DecoderSamp:
 
     def step_latency(self, path: Path, batch: int) -> float:
         """Median milliseconds of one decode step at ``batch`` rows after a 64-token context."""
-        decoder = self._decoder(path)
+        return self.step_latencies({"plan": path}, batch)["plan"]
+
+    def step_latencies(self, paths: dict[str, Path], batch: int, rounds: int = 3) -> dict[str, float]:
+        """Decode-step medians of several graphs, timed in interleaved rounds so that a burst of
+        other work on the machine lands on all of them alike (docs/design.md, "Timing on a busy
+        machine")."""
+        decoders = {name: self._decoder(path) for name, path in paths.items()}
         ids = np.tile(self.dev.ids[:1, :64], (batch, 1))
         mask = np.ones_like(ids)
-        _, past = decoder.run(ids, mask, None)
         step_mask = np.ones((batch, ids.shape[1] + 1), np.int64)
-        nxt = ids[:, -1:]
-        times = []
-        for _ in range(self.settings.repeats + 2):
-            start = time.perf_counter()
-            decoder.run(nxt, step_mask, past)
-            times.append((time.perf_counter() - start) * 1000)
-        return float(np.median(times[2:]))
+        caches = {name: d.run(ids, mask, None)[1] for name, d in decoders.items()}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, decoder in decoders.items():
+                for i in range(self.settings.repeats + 1):
+                    start = time.perf_counter()
+                    decoder.run(ids[:, -1:], step_mask, caches[name])
+                    if i:  # the first call of a round warms caches
+                        times[name].append((time.perf_counter() - start) * 1000)
+        return {name: float(np.median(t)) for name, t in times.items()}
 
     def torch_step_latency(self, batch: int) -> float:
         """The same decode step in PyTorch eager FP32 through the toolkit's cache."""
@@ -277,21 +287,33 @@ class DecoderSamp:
     # -- sensitivity ---------------------------------------------------------------------------
 
     def sensitivity(self, form: Form) -> dict[str, tuple[float, float]]:
-        """Per unit: (agreement with FP32, relative perplexity increase), simulated in PyTorch."""
+        """Per unit: (agreement with FP32, relative perplexity increase), simulated in PyTorch. A unit
+        of layer k changes nothing below it, so each pass resumes from layer k's recorded input."""
         model = self.checkpoint.model.eval()
         head = model.target.decoder
         assert isinstance(head, torch.nn.Linear)
-        ids = torch.from_numpy(self.dev.ids)
-        scored = slice(self.dev.context - 1, self.dev.ids.shape[1] - 1)
+        rows = self.dev.ids[: self.settings.sensitivity_sequences]
+        ids = torch.from_numpy(rows)
+        mask = torch.ones_like(ids)
+        scored = slice(self.dev.context - 1, rows.shape[1] - 1)
+        targets = torch.from_numpy(rows[:, self.dev.context:]).flatten()
         with torch.no_grad():
-            reference = model(ids)[:, scored].numpy()
-            base = nll(reference, self.dev)
+            inputs: list[torch.Tensor] = []
+            final = model.encoder(model.embedding(ids), mask, layer_inputs=inputs).hidden[:, scored]
+            reference = head(final).flatten(0, 1)
+            top, base = reference.argmax(-1), torch.nn.functional.cross_entropy(reference, targets)
             out = {}
             for unit in self.units:
                 self._step(f"sensitivity of {unit.name}")
                 with simulated_int8(unit_modules(model, unit.name, head), form):
-                    logits = model(ids)[:, scored].numpy()
-                out[unit.name] = (agreement(logits, reference), float(np.exp(nll(logits, self.dev) - base) - 1.0))
+                    if unit.name == "head":
+                        hidden = final
+                    else:
+                        layer = int(unit.name.split(".")[0].removeprefix("layer"))
+                        hidden = model.encoder(inputs[layer], mask, from_layer=layer).hidden[:, scored]
+                    logits = head(hidden).flatten(0, 1)
+                loss = torch.nn.functional.cross_entropy(logits, targets)
+                out[unit.name] = (float((logits.argmax(-1) == top).float().mean()), float(torch.exp(loss - base) - 1))
         return out
 
     # -- the run ------------------------------------------------------------------------------
@@ -305,14 +327,13 @@ class DecoderSamp:
                 raise ValueError("form 'dynamic' is not batch-invariant: set batch_invariant=false to allow it")
             forms = [s.form]
         everything = frozenset(u.name for u in self.units)
-        self._step("timing FP32 and all-INT8 decode steps")
-        fp32_ms = self.step_latency(self.info.path, 1)
-        all_ms = {form: self.step_latency(self.build(everything, form), 1) for form in forms}
-        form = min(all_ms, key=all_ms.__getitem__)
-        if len(forms) > 1:
-            notes.append("all-INT8 decode step at batch 1: " + ", ".join(f"{f} {v:.2f} ms" for f, v in all_ms.items())
-                         + f"; using {form}")
-        saved = max(fp32_ms - all_ms[form], 0.0)
+        self._step("timing FP32 and all-INT8 decode steps (interleaved rounds)")
+        timed = self.step_latencies({"fp32": self.info.path, **{f: self.build(everything, f) for f in forms}}, 1)
+        fp32_ms = timed.pop("fp32")
+        form = min(forms, key=timed.__getitem__)
+        notes.append(f"decode step at batch 1: FP32 {fp32_ms:.2f} ms, all-INT8 "
+                     + ", ".join(f"{f} {v:.2f} ms" for f, v in timed.items()) + f"; using {form}")
+        saved = max(fp32_ms - timed[form], 0.0)
         total = sum(u.flops_per_token for u in self.units) or 1
 
         sens = self.sensitivity(form)
@@ -321,33 +342,39 @@ class DecoderSamp:
         rows = [{"unit": u.name, "agreement": sens[u.name][0], "perplexity_increase": sens[u.name][1],
                  "gain_ms": saved * u.flops_per_token / total, "flops_per_token": u.flops_per_token}
                 for u in self.units]
-        # A unit that alone breaks the perplexity budget is never a candidate, whatever its agreement.
-        eligible = [m for m in measurements if sens[m.name][1] <= s.max_perplexity_increase]
-        plan = search(eligible, 1.0 - s.min_agreement)
-        plan = plan_from(measurements, plan.int8)
-        while True:
-            self._step(f"verifying a plan with {len(plan.int8)} INT8 units on the real graph")
-            agree, ppl = self.evaluate(self.build(plan.int8, form))
-            if plan.is_fp32 or self.within_budget(agree, ppl):
-                break
-            notes.append(f"plan with {len(plan.int8)} units: agreement {agree:.4f}, perplexity +{ppl:.2%}: "
-                         "over budget, backing off")
-            plan = back_off(plan, measurements)
+        # A unit that alone breaks the perplexity budget is never a candidate, whatever its agreement;
+        # one that buys no speed is not worth any risk.
+        order = [m.name for m in greedy_order(measurements)
+                 if m.gain_ms > 0 and sens[m.name][1] <= s.max_perplexity_increase]
+        verified: dict[frozenset[str], tuple[float, float]] = {}
+
+        def fits(int8: frozenset[str]) -> bool:
+            self._step(f"verifying a plan with {len(int8)} INT8 units on the real graph")
+            verified[int8] = self.evaluate(self.build(int8, form))
+            agree, ppl = verified[int8]
+            notes.append(f"{len(int8)} units: agreement {agree:.4f}, perplexity {ppl:+.2%}: "
+                         + ("within budget" if self.within_budget(agree, ppl) else "over budget"))
+            return self.within_budget(agree, ppl)
+
+        plan = plan_from(measurements, largest_fitting_prefix(order, fits) if order else frozenset())
 
         torch_ms = {b: self.torch_step_latency(b) for b in s.latency_batches}
+        named = {"fp32": frozenset(), "all-int8": everything, "samp": plan.int8}
+        paths = {name: self.build(chosen, form) for name, chosen in named.items()}
+        self._step("timing the candidates (interleaved rounds)")
+        latency = {b: self.step_latencies(paths, b) for b in s.latency_batches}
         candidates = []
-        for name, chosen in (("fp32", frozenset()), ("all-int8", everything), ("samp", plan.int8)):
+        for name, chosen in named.items():
             self._step(f"measuring candidate {name}")
-            path = self.build(chosen, form)
-            dev_agree, dev_ppl = self.evaluate(path)
-            test_agree, test_ppl = self.evaluate(path, "test")
-            latency = {b: self.step_latency(path, b) for b in s.latency_batches}
+            dev_agree, dev_ppl = verified.get(chosen) or self.evaluate(paths[name])
+            test_agree, test_ppl = self.evaluate(paths[name], "test")
             candidates.append(Candidate(
                 name=name, mode="fp32" if not chosen else form, int8=sorted(chosen),
                 quantization_rate=quantization_rate(self.units, set(chosen)), dev_metric=dev_agree,
-                test_metric=test_agree, latency_ms=latency, speedup_vs_torch=torch_ms[1] / latency[1],
-                size_bytes=path.stat().st_size, perplexity_increase={"dev": dev_ppl, "test": test_ppl},
-                batch_invariant=self.batch_invariant(path),
+                test_metric=test_agree, latency_ms={b: latency[b][name] for b in s.latency_batches},
+                speedup_vs_torch=torch_ms[1] / latency[1][name], size_bytes=paths[name].stat().st_size,
+                perplexity_increase={"dev": dev_ppl, "test": test_ppl},
+                batch_invariant=self.batch_invariant(paths[name]),
             ))
         chosen_row = candidates[-1]
         assert chosen_row.test_metric is not None and chosen_row.perplexity_increase is not None

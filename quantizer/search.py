@@ -9,6 +9,7 @@ to end and, when it misses the budget, asks ``back_off`` for the next plan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -93,3 +94,25 @@ def prefer_all_int8(searched_ms: float, all_int8_ms: float, all_int8_fits: bool,
     nothing, yet INT8 can change its latency; measurement decides: all-INT8 wins when it keeps the
     budget on dev and ran faster."""
     return all_int8_fits and not same_units and all_int8_ms < searched_ms
+
+
+def largest_fitting_prefix(order: list[str], fits: Callable[[frozenset[str]], bool]) -> frozenset[str]:
+    """The longest prefix of ``order`` (units from most to least worth quantizing) that ``fits``,
+    found by bisection with one real verification per probe (about log2(n) of them).
+
+    Used where per-unit drops are far from additive: next-token agreement of a generator loses a
+    little to every unit through near-tied tokens, so summed single-unit drops overstate a plan's
+    drop many times over and a knapsack on them quantizes almost nothing. Assumes that a prefix
+    which fits has fitting prefixes (adding units does not make a plan better), which the caller
+    verifies end to end anyway.
+    """
+    if fits(frozenset(order)):
+        return frozenset(order)
+    low, high = 0, len(order)  # order[:low] fits (the empty plan is FP32), order[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(frozenset(order[:middle])):
+            low = middle
+        else:
+            high = middle
+    return frozenset(order[:low])

@@ -71,3 +71,19 @@ def test_measured_all_int8_replaces_the_searched_plan_only_when_it_fits_and_is_f
     assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=False, same_units=False)
     assert not prefer_all_int8(searched_ms=545.0, all_int8_ms=650.0, all_int8_fits=True, same_units=False)
     assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=True, same_units=True)
+
+
+def test_largest_fitting_prefix_bisects_with_few_verifications():
+    from quantizer.search import largest_fitting_prefix
+
+    order = [f"u{i}" for i in range(100)]
+    probes: list[int] = []
+
+    def fits(int8: frozenset[str]) -> bool:  # a plan fits while it holds at most 37 units
+        probes.append(len(int8))
+        return len(int8) <= 37
+
+    assert largest_fitting_prefix(order, fits) == frozenset(order[:37])
+    assert len(probes) <= 8  # all, then about log2(100) probes
+    assert largest_fitting_prefix(order, lambda int8: True) == frozenset(order)
+    assert largest_fitting_prefix(order, lambda int8: not int8) == frozenset()
