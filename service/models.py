@@ -366,6 +366,13 @@ class ModelManager:
 
         self._poller = asyncio.get_running_loop().create_task(poll())
 
+    def abort_generation(self, reason: str) -> None:
+        """End every generation stream with an error now (the drain grace is about to run out)."""
+        for state in self.models.values():
+            for loaded in state.versions.values():
+                if isinstance(loaded, GenerationVersion):
+                    loaded.engine.abort(reason)
+
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()

@@ -62,7 +62,7 @@ def _uvicorn_config(app: Any, settings: Settings, metrics: Metrics, port_name: s
         app, http=guarded_protocol(settings.header_timeout_s, settings.max_connections, refused),
         log_config=None, log_level="warning", access_log=False,  # uvicorn's loggers go through ours
         timeout_keep_alive=max(1, round(settings.idle_timeout_s)),
-        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, limit_concurrency=None, lifespan="off",
+        timeout_graceful_shutdown=settings.drain_grace_s or None, limit_concurrency=None, lifespan="off",
         server_header=False, **tls)
 
 
@@ -120,6 +120,10 @@ async def serve(settings: Settings) -> int:
             return
         dataplane.draining = True  # readiness goes false before anything else
         _start_watchdog(settings.drain_grace_s + WATCHDOG_MARGIN_S)
+        # Streams still generating when the grace is nearly over end with an error event, not a cut
+        # connection (uvicorn cancels what is left at the grace).
+        loop.call_later(max(0.0, settings.drain_grace_s - min(1.0, settings.drain_grace_s / 2)),
+                        models.abort_generation, "the server is shutting down")
         for server, _ in servers:
             server.should_exit = True
 

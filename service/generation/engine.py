@@ -71,6 +71,13 @@ class GenerationEngine:
         """The step loop is running, or not started yet (False once it stopped on a bug or closed)."""
         return not self._stopped.done()
 
+    def abort(self, reason: str) -> None:
+        """Fail every waiting and running request now (NotReady naming ``reason``) and take no more:
+        at shutdown, a stream that cannot finish within the grace ends with an error event instead of
+        a cut connection."""
+        self.scheduler.close()
+        self.scheduler.abort(NotReady(f"{self.name}: {reason}"))
+
     async def close(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish those admitted, else fail them (NotReady)."""
         self.scheduler.close()

@@ -245,3 +245,42 @@ async def test_a_deadline_passing_in_the_queue_is_504_before_the_stream(generati
             assert server.count(NARROW_MODEL, "chat_completions", "deadline_exceeded") == 1
         finally:
             await holder.aclose()
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+def test_sigterm_ends_streams_that_cannot_finish_with_an_error_event(generation_repo):
+    """Streams still generating when the drain grace runs out end with one error event naming the
+    shutdown (not a cut connection), and the server exits 0."""
+    from tests.servers import start_server
+
+    server = start_server(generation_repo, "--drain-grace-s", "0.4")
+    bodies: list[str] = []
+    started = 0
+
+    def stream() -> None:
+        nonlocal started
+        body = {"model": GENERATION_MODEL, "prompt": "hello", "max_tokens": LONG, "stream": True,
+                "temperature": 0, "ignore_eos": True}
+        with httpx.Client(base_url=server.url, timeout=60) as http, \
+                http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            chunks = []
+            for chunk in response.iter_text():
+                chunks.append(chunk)
+                started += 1
+            bodies.append("".join(chunks))
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream) for _ in range(4)]
+        deadline = time.monotonic() + 30
+        while started < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stop() == 0
+        for future in futures:
+            future.result(timeout=30)
+    assert len(bodies) == 4
+    for body in bodies:  # 4 x 2000 tokens do not fit in 0.4 s: every stream ends with the error event
+        last = json.loads(_events(body)[-1])
+        assert "shutting down" in last["error"]["message"], body[-300:]
