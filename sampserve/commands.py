@@ -233,9 +233,12 @@ def generate_command(
     max_new_tokens: int = 32,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_k: int = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep tokens holding this much probability.")] = 1.0,
     seed: int = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn with the model's chat template.")] = False,
 ) -> None:
-    """Generate text with the key/value cache, printing tokens as they come."""
+    """Generate text with the key/value cache, printing tokens as they come (stops at the model's
+    end-of-sequence ids, e.g. SmolLM2's <|im_end|>)."""
     import torch
 
     from training.generate import GenerationSettings, stream
@@ -243,8 +246,16 @@ def generate_command(
 
     loaded = load_any(checkpoint)
     seq2seq = loaded.config.is_encoder_decoder
+    if chat:
+        if not loaded.head.chat_template:
+            raise typer.BadParameter("this checkpoint has no chat template", param_hint="--chat")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        prompt = ImmutableSandboxedEnvironment().from_string(loaded.head.chat_template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=seq2seq).ids
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, stop_ids=tuple(loaded.head.stop_token_ids or ()))
     produced: list[int] = []
     shown = ""
     for token in stream(loaded.model, torch.tensor([ids]), settings=settings):
