@@ -13,7 +13,7 @@ from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp, SampResult
-from quantizer.samp_decoder import DecoderSamp
+from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.heads import HEADS
 from service.repository import (
     HEAD_FILE,
@@ -73,7 +73,7 @@ def ensure_model_config(model_dir: Path, checkpoint: Checkpoint, max_drop: float
 def generation_meta(checkpoint: Checkpoint) -> GenerationMeta | None:
     """The cache layout and stopping rules of a causal LM's graph (None for encoders)."""
     config, head = checkpoint.config, checkpoint.head
-    if config.target.name != "lm":
+    if head.task != "lm":
         return None
     stops = list(head.stop_token_ids or ([config.eos_token_id] if config.eos_token_id is not None else []))
     if not stops:
@@ -112,7 +112,9 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     """Write ``repo/model/<next>/``; returns its path and notes (such as a skipped TensorRT build).
     Refuses (NotServable) a checkpoint the server could not serve, before writing anything."""
     model_dir = Path(repo) / model
-    max_drop = samp.settings.max_drop if isinstance(samp, Samp) else 1.0 - samp.settings.min_agreement
+    served_task(model_dir, samp.checkpoint)
+    settings = samp.settings
+    max_drop = 1.0 - settings.min_agreement if isinstance(settings, DecoderSampSettings) else settings.max_drop
     ensure_model_config(model_dir, samp.checkpoint, max_drop)
     work = result.workdir
     files: dict[str, Path | bytes] = {

@@ -62,7 +62,10 @@ def _uvicorn_config(app: Any, settings: Settings, metrics: Metrics, port_name: s
         app, http=guarded_protocol(settings.header_timeout_s, settings.max_connections, refused),
         log_config=None, log_level="warning", access_log=False,  # uvicorn's loggers go through ours
         timeout_keep_alive=max(1, round(settings.idle_timeout_s)),
-        timeout_graceful_shutdown=settings.drain_grace_s or None, limit_concurrency=None, lifespan="off",
+        # uvicorn types it int, but waits with asyncio.wait_for: a fractional grace is honoured (int() made
+        # a grace under 1 s unlimited)
+        timeout_graceful_shutdown=settings.drain_grace_s or None,  # type: ignore[arg-type]
+        limit_concurrency=None, lifespan="off",
         server_header=False, **tls)
 
 

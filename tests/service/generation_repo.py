@@ -84,7 +84,6 @@ class InProcess:
     dataplane: Any  # service.dataplane.DataPlane
     metrics: Any  # service.metrics.Metrics
     url: str
-    grpc_target: str
 
     def count(self, model: str, endpoint: str, outcome: str) -> float:
         """sampserve_requests_total for version 1 of ``model``."""
@@ -96,11 +95,12 @@ class InProcess:
 @contextlib.asynccontextmanager
 async def serve_in_process(repo: Path, **settings: Any) -> AsyncIterator[InProcess]:
     """The server ``service.server.serve`` builds (model manager, data plane, the REST gate and app
-    under uvicorn, the gRPC server) on loopback ports, on the caller's loop, with ``settings``."""
+    under uvicorn) on a loopback port, on the caller's loop, with ``settings``. REST only: the v2
+    gRPC protocol's generated module registers the same protobuf names as tritonclient's, which
+    other tests import in this process; gRPC tests use the subprocess server."""
     import uvicorn
 
     from service.api.gate import Gate
-    from service.api.grpc import GrpcServer
     from service.api.rest import create_app
     from service.api.v2_infer import InferDoor
     from service.dataplane import DataPlane
@@ -121,15 +121,11 @@ async def serve_in_process(repo: Path, **settings: Any) -> AsyncIterator[InProce
     server = uvicorn.Server(uvicorn.Config(gate, log_config=None, log_level="warning", access_log=False,
                                            lifespan="off"))
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-    grpc_server = GrpcServer(dataplane, metrics, config, None)
     try:
-        await grpc_server.start()
         while not server.started:  # uvicorn has no event for it
             await asyncio.sleep(0.01)
-        yield InProcess(models, dataplane, metrics, f"http://127.0.0.1:{sock.getsockname()[1]}",
-                        f"127.0.0.1:{grpc_server.port}")
+        yield InProcess(models, dataplane, metrics, f"http://127.0.0.1:{sock.getsockname()[1]}")
     finally:
-        await grpc_server.server.stop(None)
         server.should_exit = True
         await serving
         await models.close()

@@ -1,7 +1,7 @@
 """gRPC ``sampserve.v1.Tasks/Generate``, server streaming, with grpcio's client against the real server
-generating with a tiny random Llama (tests/service/generation_repo.py), in a subprocess, and in process
-where a test reaches the loaded engine (an error after the first response) or a setting (the request
-timeout)."""
+generating with a tiny random Llama (tests/service/generation_repo.py), in a subprocess (the server's
+gRPC protocol modules and tritonclient's register the same protobuf names, so they never share the
+test process)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ import pytest
 
 from service.api.grpc_gen import sampserve_pb2 as pb
 from service.api.grpc_gen import sampserve_pb2_grpc as pb_grpc
-from service.generation import SamplingParams
 
 from .generation_repo import (
     GENERATION_MODEL,
     LONG,
-    NARROW_MODEL,
     UNPUBLISHED_MODEL,
     metric,
-    serve_in_process,
     wait_for_metric,
 )
 
@@ -114,41 +111,45 @@ def test_overload_is_resource_exhausted_and_a_cancelled_call_frees_its_slot(task
 # ---------------------------------------------------------------- the real server, in process
 
 
-async def test_an_error_after_the_first_response_is_the_calls_status(generation_repo):
-    """The model's engine closes without draining while a call streams: after the responses already
-    sent, the call ends with UNAVAILABLE naming the reason (and the request id in its trailers)."""
+def test_an_error_after_the_first_response_is_the_calls_status(generation_repo):
+    """SIGTERM while a call streams a generation that cannot finish within the drain grace: after the
+    responses already sent, the call ends with UNAVAILABLE naming the shutdown (and the request id in
+    its trailers), and the server exits 0."""
+    from tests.servers import start_server
+
+    server = start_server(generation_repo, "--drain-grace-s", "0.4")
     request = pb.GenerateRequest(model=GENERATION_MODEL, prompt="The", sampling=pb.SamplingParameters(
         max_tokens=LONG, ignore_eos=True))
-    async with serve_in_process(generation_repo) as server, grpc.aio.insecure_channel(server.grpc_target) as channel:
-        call = pb_grpc.TasksStub(channel).Generate(request)
-        first = await call.read()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = pb_grpc.TasksStub(channel).Generate(request, timeout=60)
+        first = next(call)
         assert first.model == GENERATION_MODEL and first.version == 1 and len(first.token_ids) == 1
-        await server.models.generator(GENERATION_MODEL).engine.close(drain=False)
+        assert server.stop() == 0
         responses = 1
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            while True:
-                response = await call.read()
-                assert response is not grpc.aio.EOF and not response.finish_reason
+        with pytest.raises(grpc.RpcError) as error:
+            for response in call:
+                assert not response.finish_reason
                 responses += 1
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
-        assert error.value.details() == f"{GENERATION_MODEL}/1 is shutting down" and responses < LONG
-        assert dict(error.value.trailing_metadata())["x-request-id"]
-        assert server.count(GENERATION_MODEL, "generate", "unavailable") == 1
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
+    assert "shutting down" in error.value.details() and responses < LONG
+    assert dict(error.value.trailing_metadata())["x-request-id"]
 
 
-async def test_a_deadline_passing_in_the_queue_is_deadline_exceeded(generation_repo):
-    """The narrow model's one slot is held by a long generation; a call queued behind it gets no token
-    within the request timeout: DEADLINE_EXCEEDED from the server, before any response."""
-    async with serve_in_process(generation_repo, request_timeout_s=0.05) as server:
-        holder = await server.dataplane.generate(NARROW_MODEL, None, prompt="The", timeout_s=60,
-                                                 params=SamplingParams(max_tokens=LONG, ignore_eos=True))
-        try:
-            async with grpc.aio.insecure_channel(server.grpc_target) as channel:
-                call = pb_grpc.TasksStub(channel).Generate(pb.GenerateRequest(model=NARROW_MODEL, prompt="hi"))
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    await call.read()
-            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "deadline" in error.value.details() and "Deadline Exceeded" not in error.value.details()
-            assert server.models.generator(NARROW_MODEL).engine.stats().waiting == 0
-        finally:
-            await holder.aclose()
+def test_a_deadline_passing_in_the_queue_frees_its_place(narrow_model, generation_server):
+    """The narrow model's one slot is held by a long generation; a call queued behind it with a
+    deadline gets DEADLINE_EXCEEDED before any response, and the server drops it from the queue
+    (counted as a client gone by deadline) instead of generating for nobody."""
+    before = metric(generation_server, "sampserve_client_gone_total", transport="grpc", reason="deadline")
+    holder_request = pb.GenerateRequest(model=narrow_model, prompt="The", sampling=pb.SamplingParameters(
+        max_tokens=LONG, ignore_eos=True))
+    with grpc.insecure_channel(generation_server.grpc_target) as channel:
+        stub = pb_grpc.TasksStub(channel)
+        holder = stub.Generate(holder_request, timeout=60)
+        next(holder)  # the slot is taken
+        with pytest.raises(grpc.RpcError) as error:
+            next(stub.Generate(pb.GenerateRequest(model=narrow_model, prompt="hi"), timeout=0.3))
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for_metric(generation_server, "sampserve_sequences_waiting", 0, model=narrow_model, version="1")
+        holder.cancel()
+    wait_for_metric(generation_server, "sampserve_client_gone_total", before + 1, transport="grpc", reason="deadline")
+    wait_for_metric(generation_server, "sampserve_sequences_running", 0, model=narrow_model, version="1")
