@@ -1,13 +1,15 @@
 """Closed-loop streaming load for the generation benchmark, in its own process (shares nothing with
-the server): ``clients`` clients, each sending its share of ``requests`` chat completions with
-``stream: true`` one after another, reading server-sent events as they arrive (aiohttp).
+the server): ``clients`` clients, each sending chat completions with ``stream: true`` one after
+another, reading server-sent events as they arrive (aiohttp).
 
-    python bench/genload.py --url http://127.0.0.1:8000 --model m --clients 8 --requests 16 \
+    python bench/genload.py --url http://127.0.0.1:8000 --model m --clients 8 --seconds 30 \
         --prompts prompts.json --lengths 16 64 128
 
-Prints one JSON line: output tokens/s, time to first token and inter-token latency percentiles (ms),
-end-to-end latency, status counts. Request i asks for exactly ``lengths[i % n]`` tokens
-(``ignore_eos``, greedy), so systems are compared on equal work.
+Throughput is measured in a steady-state window (after ``warmup``, for ``seconds``) from the
+server's own count of generated tokens, so neither the start (every client arriving at once) nor
+the tail (the last long request running alone) skews it. Prints one JSON line: output tokens/s, time
+to first token and inter-token latency percentiles (ms) of the requests in the window, status
+counts. Request i asks for exactly ``lengths[i % n]`` tokens (``ignore_eos``, greedy).
 """
 
 from __future__ import annotations
@@ -21,18 +23,28 @@ from pathlib import Path
 import numpy as np
 
 
-async def run(url: str, model: str, prompts: list[str], clients: int, requests: int, lengths: list[int]) -> dict:
+async def generated_tokens(session, url: str, model: str) -> float:
+    """The server's own count of tokens generated for ``model`` (sampserve_generation_tokens_total)."""
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("sampserve_generation_tokens_total{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def run(url: str, model: str, prompts: list[str], clients: int, seconds: float, warmup: float,
+              lengths: list[int]) -> dict:
     import aiohttp
 
     ttft: list[float] = []
     itl: list[float] = []
     e2e: list[float] = []
-    tokens = 0
     codes: dict[str, int] = {}
-    queue = list(range(requests))
+    counter = iter(range(10**9))
 
     async def one(session: aiohttp.ClientSession, prompt: str, max_tokens: int) -> None:
-        nonlocal tokens
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
@@ -52,8 +64,6 @@ async def run(url: str, model: str, prompts: list[str], clients: int, requests: 
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
-                if chunk.get("usage"):
-                    tokens += chunk["usage"]["completion_tokens"]
                 if not chunk.get("choices") or not chunk["choices"][0].get("delta", {}).get("content"):
                     continue
                 if first is None:
@@ -68,15 +78,22 @@ async def run(url: str, model: str, prompts: list[str], clients: int, requests: 
             e2e.append(time.perf_counter() - start)
 
     async def client(session: aiohttp.ClientSession) -> None:
-        while queue:
-            index = queue.pop(0)
+        while True:
+            index = next(counter)
             await one(session, prompts[index % len(prompts)], lengths[index % len(lengths)])
 
-    connector = aiohttp.TCPConnector(limit=clients)
+    connector = aiohttp.TCPConnector(limit=clients + 1)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
-        begin = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        elapsed = time.perf_counter() - begin
+        tasks = [asyncio.ensure_future(client(session)) for _ in range(clients)]
+        await asyncio.sleep(warmup)  # the first requests all arrive at once: not the steady state
+        start_tokens, begin = await generated_tokens(session, url, model), time.perf_counter()
+        ttft.clear(), itl.clear(), e2e.clear()
+        await asyncio.sleep(seconds)
+        end_tokens, elapsed = await generated_tokens(session, url, model), time.perf_counter() - begin
+        for task in tasks:  # the streams in flight are abandoned: the server frees their slots
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tokens = int(end_tokens - start_tokens)
 
     def pct(values: list[float], q: float) -> float:
         return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
@@ -91,13 +108,15 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--clients", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30, help="the measured window")
+    parser.add_argument("--warmup", type=float, default=5, help="load before the window opens")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64],
                         help="max_tokens of request i is lengths[i %% len(lengths)]")
     parser.add_argument("--prompts", type=Path, required=True)
     args = parser.parse_args()
     prompts = json.loads(args.prompts.read_text())
-    print(json.dumps(asyncio.run(run(args.url, args.model, prompts, args.clients, args.requests, args.lengths))))
+    print(json.dumps(asyncio.run(run(args.url, args.model, prompts, args.clients, args.seconds, args.warmup,
+                                     args.lengths))))
 
 
 if __name__ == "__main__":

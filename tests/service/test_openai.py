@@ -110,6 +110,26 @@ def test_default_temperature_is_openais(client, generation_model):
     assert client.chat.completions.create(**ask, temperature=0).choices[0].message.content != unset
 
 
+def test_concurrent_greedy_streams_get_the_tokens_each_gets_alone(client, generation_server, generation_model):
+    """Continuous batching through the server: overlapping requests of different prompt and output
+    lengths, joining and leaving the running batch at different steps, each return exactly the text
+    they return when served alone."""
+    prompts = [("The quick brown fox", 40), ("Paris", 7), ("def add(a, b):", 25), ("Serving models fast", 3),
+               ("Le renard brun saute par-dessus le chien paresseux.", 18), ("emoji", 31)]
+
+    def complete(prompt: str, tokens: int) -> str:
+        out = client.completions.create(model=generation_model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        return out.choices[0].text
+
+    alone = [complete(p, n) for p, n in prompts]
+    joined_before = metric(generation_server, "sampserve_prompt_tokens_total", model=generation_model, version="1")
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda pn: complete(*pn), prompts))
+    assert together == alone
+    assert metric(generation_server, "sampserve_prompt_tokens_total", model=generation_model, version="1") > joined_before
+
+
 def test_raw_event_stream(generation_server, generation_model):
     body = {"model": generation_model, "prompt": "Serving", "max_tokens": 5, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
