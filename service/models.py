@@ -231,6 +231,11 @@ class ModelManager:
         if config.runtime != "onnxruntime":
             raise ValueError(f"runtime {config.runtime!r}: generation runs on onnxruntime only")
         graph = DecoderGraph.load(path / ONNX_FILE, head.generation, self.settings.threads)
+        if graph.fixed_batch is not None and graph.fixed_batch < limits.max_num_seqs:
+            raise ValueError(f"the decoder graph takes batches of exactly {graph.fixed_batch} rows, but "
+                             f"generation.max_num_seqs={limits.max_num_seqs}: re-export it with a dynamic batch "
+                             f"axis (sampserve quantize does), or set max_num_seqs to {graph.fixed_batch} in "
+                             f"{self.settings.repo / name / MODEL_CONFIG_FILE}")
         warm_up(graph, head.pad_id)
         engine = GenerationEngine(graph, head.tokenizer, limits, head.stop_token_ids, head.pad_id,
                                   self.metrics.generation(name, version), name=f"{name}/{version}")

@@ -153,7 +153,8 @@ class TasksServicer:
         messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
         generation = await self.dataplane.generate(request.model, request.version or None, prompt=prompt,
                                                    messages=messages, params=params, endpoint="generate",
-                                                   fill_max_tokens=unset and messages is not None)
+                                                   fill_max_tokens=unset and messages is not None,
+                                                   timeout_s=engine_deadline(context.time_remaining()))
         try:
             async for delta in generation.deltas:
                 response = tasks_pb.GenerateResponse(model=request.model, version=generation.version,
@@ -166,6 +167,15 @@ class TasksServicer:
                 await context.write(response)
         finally:
             await generation.aclose()
+
+
+def engine_deadline(remaining: float | None) -> float | None:
+    """The engine's deadline for a call with ``remaining`` seconds: a little before the client's, so
+    that the server ends the stream itself (DEADLINE_EXCEEDED before the first token, finish_reason
+    "length" after it) rather than the client cancelling mid-write. None: the server's default."""
+    if remaining is None:
+        return None
+    return max(0.0, remaining - min(0.05, 0.1 * remaining))
 
 
 def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

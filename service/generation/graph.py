@@ -42,6 +42,9 @@ class DecoderGraph:
                                   for got, want in ((shape[1], self.kv_heads), (shape[3], self.head_dim))):
             raise ValueError(f"graph input {self.past_names[0]} has shape {shape}; head.json says "
                              f"(batch, {self.kv_heads}, past, {self.head_dim})")
+        batch = inputs["input_ids"].shape[0]
+        self.fixed_batch: int | None = batch if isinstance(batch, int) else None
+        """The graph's batch size when the export fixed it (None: any batch, as the exporter writes)."""
         vocab = outputs["logits"].shape[-1]
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
         """The graph's vocabulary (None when its logits' last axis is symbolic)."""

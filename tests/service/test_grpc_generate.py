@@ -5,6 +5,7 @@ test process)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -138,8 +139,15 @@ def test_an_error_after_the_first_response_is_the_calls_status(generation_repo):
 def test_a_deadline_passing_in_the_queue_frees_its_place(narrow_model, generation_server):
     """The narrow model's one slot is held by a long generation; a call queued behind it with a
     deadline gets DEADLINE_EXCEEDED before any response, and the server drops it from the queue
-    (counted as a client gone by deadline) instead of generating for nobody."""
-    before = metric(generation_server, "sampserve_client_gone_total", transport="grpc", reason="deadline")
+    instead of generating for nobody (the engine has the call's deadline, so the server usually
+    answers first; when the client's deadline fires first it is counted as a client gone)."""
+
+    def ended() -> float:
+        return (metric(generation_server, "sampserve_client_gone_total", transport="grpc", reason="deadline")
+                + metric(generation_server, "sampserve_requests_total", model=narrow_model, endpoint="generate",
+                         outcome="deadline_exceeded"))
+
+    before = ended()
     holder_request = pb.GenerateRequest(model=narrow_model, prompt="The", sampling=pb.SamplingParameters(
         max_tokens=LONG, ignore_eos=True))
     with grpc.insecure_channel(generation_server.grpc_target) as channel:
@@ -151,5 +159,8 @@ def test_a_deadline_passing_in_the_queue_frees_its_place(narrow_model, generatio
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for_metric(generation_server, "sampserve_sequences_waiting", 0, model=narrow_model, version="1")
         holder.cancel()
-    wait_for_metric(generation_server, "sampserve_client_gone_total", before + 1, transport="grpc", reason="deadline")
+    deadline = time.monotonic() + 10
+    while ended() != before + 1:
+        assert time.monotonic() < deadline, "the queued call was never counted as ended by its deadline"
+        time.sleep(0.01)
     wait_for_metric(generation_server, "sampserve_sequences_running", 0, model=narrow_model, version="1")

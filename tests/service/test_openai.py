@@ -123,11 +123,12 @@ def test_concurrent_greedy_streams_get_the_tokens_each_gets_alone(client, genera
         return out.choices[0].text
 
     alone = [complete(p, n) for p, n in prompts]
-    joined_before = metric(generation_server, "sampserve_prompt_tokens_total", model=generation_model, version="1")
+    labels = {"model": generation_model, "version": "1"}
+    prompted_before = metric(generation_server, "sampserve_prompt_tokens_total", **labels)
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda pn: complete(*pn), prompts))
     assert together == alone
-    assert metric(generation_server, "sampserve_prompt_tokens_total", model=generation_model, version="1") > joined_before
+    assert metric(generation_server, "sampserve_prompt_tokens_total", **labels) > prompted_before
 
 
 def test_raw_event_stream(generation_server, generation_model):

@@ -113,3 +113,24 @@ def test_the_generation_block_is_validated() -> None:
         RepoModelConfig.model_validate({**base, "task": "matching", "generation": {}})
     with pytest.raises(ValidationError, match="max_batch"):
         RepoModelConfig.model_validate({**base, "generation": {"max_batch": 3}})  # a typo is refused
+
+
+async def test_a_graph_with_a_fixed_batch_is_refused_naming_the_setting(tmp_path: Path, version_dir: Path) -> None:
+    """An export that fixed the batch axis would load, warm up with one sequence and fail the first
+    step that batches two: the loader refuses it up front, naming max_num_seqs."""
+    import onnx
+
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    for name in (TOKENIZER_FILE, HEAD_FILE):
+        (fixed / name).write_bytes((version_dir / name).read_bytes())
+    model = onnx.load(str(version_dir / ONNX_FILE))
+    for tensor in model.graph.input:
+        tensor.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(fixed / ONNX_FILE))
+    repo = _repo(tmp_path, fixed, {"max_num_seqs": 4})
+    manager = ModelManager(Settings(repo=repo, threads=1, instances=1, retry_failed_s=3600), Metrics())
+    await manager.refresh()
+    ready, reason = manager.readiness("tiny")
+    assert not ready and "batches of exactly 1 rows" in reason and "max_num_seqs=4" in reason
+    await manager.close()
