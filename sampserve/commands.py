@@ -282,6 +282,39 @@ def gettext_topics(
         console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
 
 
+@data_app.command("gettext-parallel")
+def gettext_parallel(
+    out: Annotated[Path, typer.Argument(help="Folder for train/dev/test.jsonl and test_multiway.jsonl.")],
+    languages: Annotated[list[str] | None, typer.Option(
+        help="Language codes (locale names: de, zh_CN, pt_BR, sr@latin, ...). Default: de fr es it nl tr ru "
+             "zh_CN ja.")] = None,
+    min_words: Annotated[int, typer.Option(help="Keep English messages of at least this many words.")] = 5,
+    seed: int = 0,
+) -> None:
+    """English UI messages and their human translations from Debian's gettext catalogs, split by program
+    so that no program and no English message crosses train/dev/test; test_multiway.jsonl holds the test
+    messages translated into every language."""
+    from training.data.gettext_parallel import DEFAULT_LANGUAGES, SPLITS, load_pairs, split_by_program, write_splits
+
+    langs = list(languages or DEFAULT_LANGUAGES)
+    pairs = load_pairs(langs, min_words=min_words)
+    if not pairs:
+        raise FileNotFoundError(f"no gettext translations found for {' '.join(langs)} under /usr/share/locale; "
+                                "install the packages' catalogs (and check that /etc/dpkg/dpkg.cfg.d/ does not "
+                                "path-exclude /usr/share/locale)")
+    parts = split_by_program(pairs, seed=seed)
+    files = write_splits(parts, out, langs)
+    table = Table("language", *SPLITS, title=f"translation pairs (English >= {min_words} words)")
+    for lang in langs:
+        table.add_row(lang, *(str(sum(p.lang == lang for p in parts[name])) for name in SPLITS))
+    table.add_row("programs", *(str(len({p.program for p in parts[name]})) for name in SPLITS))
+    console.print(table)
+    n_multi = sum(1 for _ in files["test_multiway"].open(encoding="utf-8"))
+    console.print(f"test messages translated into all {len(langs)} languages: {n_multi}")
+    for name, path in files.items():
+        console.print(f"{name}: {path}")
+
+
 def run(argv: list[str]) -> None:
     """Run the typer app on ``argv``: a mistake in what the user asked for is one clear line and exit
     code 2 (typer itself reports bad flags the same way)."""

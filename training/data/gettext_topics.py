@@ -8,11 +8,13 @@ The program (gettext domain) is a natural label, and merging related domains giv
 
 The ``.mo`` format is parsed directly with :mod:`struct` instead of :class:`gettext.GNUTranslations`,
 because the latter decodes every catalog's metadata as declared and fails on catalogs with broken or
-non-UTF-8 charsets (e.g. ``net-tools``), while we only need the msgids.
+non-UTF-8 charsets (e.g. ``net-tools``). :func:`read_mo_pairs` also returns the translations, for
+:mod:`training.data.gettext_parallel`.
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import json
 import math
@@ -28,6 +30,7 @@ __all__ = [
     "TOPIC_PACKAGES",
     "load_gettext_topics",
     "read_mo_msgids",
+    "read_mo_pairs",
     "split",
     "write_jsonl",
 ]
@@ -127,12 +130,11 @@ def _decode(raw: bytes, charset: str) -> str:
     return raw.decode("latin-1")
 
 
-def read_mo_msgids(path: Path) -> list[str]:
-    """Return the msgids of a compiled gettext catalog, in file order.
+def _parse_mo(path: Path) -> tuple[list[tuple[bytes, bytes]], str]:
+    """Return the raw ``(msgid, msgstr)`` byte strings of a ``.mo`` file and its declared charset.
 
-    Parsed with ``struct`` so catalogs with odd charsets still load. The empty header msgid is skipped,
-    a ``msgctxt`` prefix (``ctx\\x04msgid``) is removed and plural entries yield their singular form.
-    Raises ``ValueError`` for files that are not ``.mo`` catalogs.
+    Parsed with ``struct`` so catalogs with odd charsets still load; the header entry (empty msgid) is
+    kept so callers see the file as written. Raises ``ValueError`` for files that are not ``.mo`` catalogs.
     """
     data = Path(path).read_bytes()
     if len(data) < 20:
@@ -146,31 +148,69 @@ def read_mo_msgids(path: Path) -> list[str]:
         raise ValueError(f"{path}: bad .mo magic 0x{magic:08x}")
     _revision, count, orig_off, trans_off = struct.unpack(endian + "4I", data[4:20])
 
-    def table(offset: int) -> list[tuple[int, int]]:
+    def table(offset: int) -> list[bytes]:
         end = offset + 8 * count
         if end > len(data):
             raise ValueError(f"{path}: string table out of range")
         pairs = list(struct.iter_unpack(endian + "2I", data[offset:end]))
         if any(off + length > len(data) for length, off in pairs):
             raise ValueError(f"{path}: string out of range")
-        return pairs
+        return [data[off : off + length] for length, off in pairs]
 
-    raw_ids = [data[off : off + length] for length, off in table(orig_off)]
+    entries = list(zip(table(orig_off), table(trans_off)))
     charset = "utf-8"
-    if b"" in raw_ids:  # header entry: its msgstr declares the charset
-        length, off = table(trans_off)[raw_ids.index(b"")]
-        m = _CHARSET.search(data[off : off + length])
-        if m:
-            charset = m.group(1).decode("ascii")
+    for raw_id, raw_str in entries:
+        if raw_id == b"":  # header entry: its msgstr declares the charset
+            m = _CHARSET.search(raw_str)
+            if m:
+                charset = m.group(1).decode("ascii")
+            break
+    return entries, charset
 
-    msgids: list[str] = []
-    for raw in raw_ids:
-        if b"\x04" in raw:
-            raw = raw.split(b"\x04", 1)[1]
-        raw = raw.split(b"\x00", 1)[0]
-        if raw:
-            msgids.append(_decode(raw, charset))
-    return msgids
+
+def _first_form(raw: bytes) -> bytes:
+    """Drop a ``msgctxt`` prefix (``ctx\\x04``) and keep the first of ``\\0``-separated plural forms."""
+    if b"\x04" in raw:
+        raw = raw.split(b"\x04", 1)[1]
+    return raw.split(b"\x00", 1)[0]
+
+
+def read_mo_msgids(path: Path) -> list[str]:
+    """Return the msgids of a compiled gettext catalog, in file order.
+
+    Parsed with ``struct`` so catalogs with odd charsets still load. The empty header msgid is skipped,
+    a ``msgctxt`` prefix (``ctx\\x04msgid``) is removed and plural entries yield their singular form.
+    Raises ``ValueError`` for files that are not ``.mo`` catalogs.
+    """
+    entries, charset = _parse_mo(path)
+    return [_decode(raw, charset) for raw in (_first_form(raw_id) for raw_id, _ in entries) if raw]
+
+
+def read_mo_pairs(path: Path) -> list[tuple[str, str]]:
+    """Return ``(msgid, msgstr)`` for every non-header entry of a compiled catalog, in file order.
+
+    Both sides lose a ``msgctxt`` prefix and keep their first plural form. The msgid is decoded as in
+    :func:`read_mo_msgids`; the msgstr strictly with the declared charset (UTF-8 when the declared name is
+    unknown to Python), and entries whose msgstr cannot be decoded are skipped rather than guessed, since
+    a mis-decoded translation is worse than none. Untranslated (empty) msgstrs are returned as ``""``.
+    Raises ``ValueError`` for files that are not ``.mo`` catalogs.
+    """
+    entries, charset = _parse_mo(path)
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        codec = "utf-8"
+    pairs: list[tuple[str, str]] = []
+    for raw_id, raw_str in entries:
+        msgid = _first_form(raw_id)
+        if not msgid:
+            continue
+        try:
+            msgstr = _first_form(raw_str).decode(codec)
+        except UnicodeDecodeError:
+            continue
+        pairs.append((_decode(msgid, charset), msgstr))
+    return pairs
 
 
 def _topic_of(domain: str) -> str | None:
