@@ -282,12 +282,13 @@ def gettext_topics(
         console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
 
 
-@data_app.command("gettext-parallel")
+@data_app.command("gettext-parallel", context_settings={"allow_extra_args": True})
 def gettext_parallel(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Folder for train/dev/test.jsonl and test_multiway.jsonl.")],
     languages: Annotated[list[str] | None, typer.Option(
-        help="Language codes (locale names: de, zh_CN, pt_BR, sr@latin, ...). Default: de fr es it nl tr ru "
-             "zh_CN ja.")] = None,
+        help="Language codes (locale names: de, zh_CN, pt_BR, sr@latin, ...), as `--languages de fr ja`. "
+             "Default: de fr es it nl tr ru zh_CN ja.")] = None,
     min_words: Annotated[int, typer.Option(help="Keep English messages of at least this many words.")] = 5,
     seed: int = 0,
 ) -> None:
@@ -296,7 +297,9 @@ def gettext_parallel(
     messages translated into every language."""
     from training.data.gettext_parallel import DEFAULT_LANGUAGES, SPLITS, load_pairs, split_by_program, write_splits
 
-    langs = list(languages or DEFAULT_LANGUAGES)
+    if ctx.args and not languages:
+        raise ValueError(f"unexpected arguments {' '.join(ctx.args)}: languages go after --languages")
+    langs = list(dict.fromkeys([*(languages or DEFAULT_LANGUAGES), *ctx.args]))  # `--languages de fr`: fr is extra
     pairs = load_pairs(langs, min_words=min_words)
     if not pairs:
         raise FileNotFoundError(f"no gettext translations found for {' '.join(langs)} under /usr/share/locale; "
