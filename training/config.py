@@ -67,10 +67,28 @@ class StackConfig(_Strict):
     relative_max_distance: int = 128
     attention_scale: bool = Field(True, description="Divide scores by sqrt(head_dim); T5 does not.")
     parameter_sharing: bool = Field(False, description="One layer's weights applied num_layers times.")
+    unique_layers: int | None = Field(
+        None, ge=1, description="Group recurrence: k layers of weights cycled over num_layers (layer i uses "
+                                "weights i mod k; 3 cycled 4 times is 12 layers deep at 3 layers' size).")
     final_layernorm: bool | None = Field(None, description="Default: true for pre-LN stacks.")
     position: Literal["embedding", "rope"] = Field(
         "embedding", description="Where positions come from: the embedding's parts, or rotary (RoPE) in attention.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base; Llama 2 uses 1e4, SmolLM2 1e5.")
+
+    @property
+    def weight_layers(self) -> int:
+        """How many layers hold weights (parameter_sharing is the k = 1 case of unique_layers)."""
+        if self.parameter_sharing:
+            return 1
+        return min(self.unique_layers or self.num_layers, self.num_layers)
+
+    @model_validator(mode="after")
+    def _one_kind_of_sharing(self) -> StackConfig:
+        if self.parameter_sharing and self.unique_layers is not None:
+            raise ValueError("set parameter_sharing (one shared layer) or unique_layers (k cycled layers), not both")
+        if self.unique_layers is not None and self.unique_layers > self.num_layers:
+            raise ValueError(f"unique_layers={self.unique_layers} is more than num_layers={self.num_layers}")
+        return self
 
     @property
     def has_final_layernorm(self) -> bool:

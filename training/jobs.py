@@ -93,10 +93,11 @@ def describe(checkpoint: Checkpoint, title: str) -> Table:
     table.add_row("path", str(checkpoint.path))
     table.add_row("embedding", " + ".join(config.embedding.parts))
     stack = config.encoder
+    cycled = f", {stack.weight_layers} layers of weights cycled" if stack.weight_layers < stack.num_layers else ""
     table.add_row(
         "encoder",
         f"{stack.name} x{stack.num_layers} ({stack.layernorm_positioning}-LN, {stack.activation}"
-        f"{', shared' if stack.parameter_sharing else ''}{', causal' if stack.causal else ''})",
+        f"{cycled}{', causal' if stack.causal else ''})",
     )
     if config.decoder is not None:
         table.add_row("decoder", f"{config.decoder.name} x{config.decoder.num_layers}")

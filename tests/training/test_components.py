@@ -43,6 +43,25 @@ def test_padding_does_not_change_real_tokens_outputs():
     torch.testing.assert_close(full[2:3], alone, atol=1e-6, rtol=0)
 
 
+def test_group_recurrence_cycles_k_layers():
+    """unique_layers=k: k layers of weights applied in order, cycle after cycle (MSD's parameter
+    recurrence, e.g. 3 layers x 4 cycles)."""
+    torch.manual_seed(0)
+    model = build_model(shrink("tiny-bert", encoder__unique_layers=2, encoder__num_layers=6)).eval()
+    assert len(model.encoder.layers) == 2 and model.config.encoder.weight_layers == 2
+    ids, mask = _ids()
+    with torch.no_grad():
+        x = model.embedding(ids)
+        bias = (1.0 - mask[:, None, None, :].float()) * -1e4
+        for i in range(6):
+            x, _ = model.encoder.layers[i % 2](x, bias)
+        torch.testing.assert_close(model(ids, mask), model.target(x, mask))
+    with pytest.raises(ValueError, match="not both"):
+        shrink("tiny-bert", encoder__unique_layers=2, encoder__parameter_sharing=True)
+    with pytest.raises(ValueError, match="more than num_layers"):
+        shrink("tiny-bert", encoder__unique_layers=7, encoder__num_layers=6)
+
+
 def test_parameter_sharing_applies_one_layer_n_times():
     torch.manual_seed(0)
     shared = build_model(shrink("tiny-bert", encoder__parameter_sharing=True, encoder__num_layers=3)).eval()

@@ -27,6 +27,14 @@ def test_reference_configs_have_the_published_sizes(name, millions):
     assert build_model(load_config(name)).num_parameters() / 1e6 == pytest.approx(millions, abs=0.1)
 
 
+def test_the_msd_student_is_under_a_third_of_e5_small():
+    """The multi-stage distillation student: a 128-wide factorized word table on e5-small's 250,037-token
+    vocabulary and 3 layers of weights cycled 4 times, against e5-small's 117,505,920 parameters."""
+    student = build_model(load_config("e5-student-e128-3x4"))
+    assert student.num_parameters() / 117_505_920 == pytest.approx(0.32, abs=0.01)
+    assert len(student.encoder.layers) == 3 and student.config.encoder.num_layers == 12
+
+
 def test_unknown_component_is_rejected_at_load(tmp_path):
     raw = json.loads(load_config("tiny-bert").to_json())
     raw["encoder"]["activation"] = "swishy"

@@ -36,7 +36,7 @@ class TransformerStack(nn.Module):
         self.stack = stack
         self.num_layers = stack.num_layers
         self.head_dim = config.attention_head_dim
-        count = 1 if stack.parameter_sharing else stack.num_layers
+        count = stack.weight_layers
         self.layers = nn.ModuleList(TransformerLayer(config, stack) for _ in range(count))
         self.relative_bias = (
             RelativePositionBias(config.num_heads, stack) if stack.relative_position else None
@@ -49,7 +49,7 @@ class TransformerStack(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def layer(self, index: int) -> TransformerLayer:
-        return self.layers[0 if self.stack.parameter_sharing else index]
+        return self.layers[index % len(self.layers)]  # cycled under parameter sharing / group recurrence
 
     def forward(
         self,
