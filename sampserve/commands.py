@@ -318,6 +318,63 @@ def gettext_parallel(
         console.print(f"{name}: {path}")
 
 
+@app.command("crosslingual-eval")
+def crosslingual_eval(
+    checkpoint: Annotated[Path, typer.Option(help="The embedding model: our checkpoint (or a Hugging Face folder).")],
+    data: Annotated[Path, typer.Option(help="Parallel pairs (.jsonl with en, x, lang): `sampserve data "
+                                            "gettext-parallel`'s test.jsonl.")],
+    prefix: Annotated[str, typer.Option(help='Put before every text (e5: "query: ").')] = "",
+    limit: Annotated[int, typer.Option(help="Pairs per language, the first in file order.")] = 1000,
+    teacher: Annotated[str | None, typer.Option(
+        help="English teacher for the STS proxy: our checkpoint, a Hugging Face folder, or `minilm` (the bundled "
+             "all-MiniLM-L6-v2). Without it only retrieval is measured.")] = None,
+    teacher_prefix: Annotated[str, typer.Option(help="Put before the teacher's texts.")] = "",
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
+    batch_size: int = 64,
+    cache_dir: Annotated[Path | None, typer.Option(help="Keep embeddings here (safetensors) for reruns.")] = None,
+) -> None:
+    """Translation retrieval accuracy@1 (both directions, averaged) per language and, with --teacher, the STS
+    proxy: Spearman of the model's cos(en_a, x_b) against the teacher's cos(en_a, en_b). Ends with one JSON line."""
+    from training.crosslingual.embeddings import cached_encode, encode
+    from training.crosslingual.metrics import report
+    from training.jobs import bundled_minilm_dir, load_any
+
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    with data.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                kept = pairs.setdefault(row["lang"], [])
+                if len(kept) < limit:
+                    kept.append((row["en"], row["x"]))
+    if not pairs:
+        raise ValueError(f"{data} holds no pairs")
+    pairs = dict(sorted(pairs.items()))
+
+    def embed(model, texts: list[str], text_prefix: str):
+        kw = {"batch_size": batch_size, "max_length": max_length, "prefix": text_prefix, "progress": True}
+        return cached_encode(model, texts, cache_dir, **kw) if cache_dir else encode(model, texts, **kw)
+
+    student = load_any(checkpoint)
+    per_language = {lang: (embed(student, [en for en, _ in rows], prefix), embed(student, [x for _, x in rows], prefix))
+                    for lang, rows in pairs.items()}
+    teacher_en = None
+    if teacher:
+        reference = load_any(bundled_minilm_dir() if teacher == "minilm" else Path(teacher))
+        teacher_en = {lang: embed(reference, [en for en, _ in rows], teacher_prefix) for lang, rows in pairs.items()}
+    result = report(per_language, teacher_en)
+    columns = ["language", "pairs", "en->x", "x->en", "acc@1"] + (["sts proxy"] if teacher_en else [])
+    table = Table(*columns, title=f"cross-lingual retrieval: {checkpoint}")
+    for lang, row in result["languages"].items():
+        cells = [lang, str(row["n"]), *(f"{row[k]:.3f}" for k in ("en->x", "x->en", "acc@1"))]
+        table.add_row(*cells, *([f"{row['sts_proxy']:.3f}"] if teacher_en else []))
+    table.add_row("mean", "", "", "", f"{result['mean']['acc@1']:.3f}",
+                  *([f"{result['mean']['sts_proxy']:.3f}"] if teacher_en else []))
+    console.print(table)
+    print(json.dumps({"checkpoint": str(checkpoint), "data": str(data), "prefix": prefix, "limit": limit,
+                      "teacher": teacher, **result}))
+
+
 def run(argv: list[str]) -> None:
     """Run the typer app on ``argv``: a mistake in what the user asked for is one clear line and exit
     code 2 (typer itself reports bad flags the same way)."""

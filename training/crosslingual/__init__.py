@@ -1,0 +1,1 @@
+"""Cross-lingual embedding evaluation (issue #15): translation retrieval and an STS proxy against a teacher."""
