@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.docs import machine, write_section  # noqa: E402
-from bench.serve import Process, free_port  # noqa: E402
+from bench.serve import Process, free_port, wait_ready  # noqa: E402
 from service.repository import MODEL_CONFIG_FILE, list_versions  # noqa: E402
 from training.jobs import console  # noqa: E402
 
@@ -54,21 +54,6 @@ def prompts(count: int = 64, seed: int = 0) -> list[str]:
     texts = [r["text"] for r in load_gettext_topics(max_per_topic=200, seed=seed) if 6 <= len(r["text"].split()) <= 40]
     random.Random(seed).shuffle(texts)
     return [QUESTIONS[i % len(QUESTIONS)] + text for i, text in enumerate(texts[:count])]
-
-
-def wait_ready(url: str, model: str, timeout: float = 600) -> None:
-    import urllib.request
-
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{model} not ready after {timeout} s")
 
 
 def prepare_repo(work: Path, samp: bool) -> tuple[Path, object]:
@@ -176,7 +161,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{http}"
     try:
         for model in systems:
-            wait_ready(url, model)
+            wait_ready(url, 600, f"/v2/models/{model}/ready")
         for streams in args.streams:
             for model in systems:
                 result = serve_load(url, model, streams, prompt_file, args.seconds)

@@ -58,17 +58,18 @@ def sentences(count: int = 512, seed: int = 0) -> list[str]:
     return chosen[:count]
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
+def wait_ready(url: str, timeout: float = 120, path: str = "/v2/health/ready") -> None:
+    """Poll ``path`` (the server's readiness, or one model's: /v2/models/{m}/ready) until it answers 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url} never became ready")
+    raise RuntimeError(f"{url}{path} never became ready")
 
 
 def http_client() -> str:

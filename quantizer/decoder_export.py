@@ -27,19 +27,21 @@ import torch
 from torch import nn
 
 from quantizer.export import OPSET, ExportInfo
+from service.generation.cache import left_pad
+from service.generation.graph import TOKEN_INPUTS, cache_names
 from training.checkpoint import Checkpoint
 from training.components.layers import LayerCache
 from training.model import Model
 
-DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+DECODER_INPUTS = TOKEN_INPUTS  # the names the server's DecoderGraph reads (service.generation.graph)
 
 
 def past_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return cache_names(layers, "past_key_values")
 
 
 def present_names(layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return cache_names(layers, "present")
 
 
 class _DecoderStep(nn.Module):
@@ -110,17 +112,6 @@ def export_decoder(checkpoint: Checkpoint, path: Path, check_steps: int = 4) -> 
     return ExportInfo(path=path, input_names=DECODER_INPUTS, output_name="logits", max_abs_diff=diff)
 
 
-def left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> (ids, mask), both (B, longest) int64, padded on the left."""
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = prompt
-        mask[row, longest - len(prompt):] = 1
-    return ids, mask
-
-
 class OrtDecoder:
     """A plain greedy/teacher-forced driver of the exported graph: the reference the parity checks
     and SAMP's next-token metrics use (the server's engine adds scheduling on top)."""
@@ -148,7 +139,7 @@ class OrtDecoder:
 
     def greedy(self, prompts: list[list[int]], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """(B, steps) greedy tokens and each step's (B, V) logits, for a left-padded batch."""
-        ids, mask = left_padded(prompts, self.pad)
+        ids, mask = left_pad(prompts, self.pad)
         logits, past = self.run(ids, mask, None)
         tokens, all_logits = [], [logits]
         for _ in range(steps):
@@ -165,7 +156,7 @@ class OrtDecoder:
 @torch.no_grad()
 def torch_greedy(model: Model, prompts: list[list[int]], steps: int, pad: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """The same loop in PyTorch through the toolkit's cache (the reference for the export check)."""
-    ids, mask = (torch.from_numpy(a) for a in left_padded(prompts, pad))
+    ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))
     out = model.encode(ids, mask, use_cache=True)
     logits = model.target(out.hidden[:, -1], None)
     tokens, all_logits = [], [logits.numpy()]

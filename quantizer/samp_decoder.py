@@ -24,7 +24,6 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_decoder
 from quantizer.quantize import apply_plan
 from quantizer.samp import Candidate, SampReport, SampResult
-from quantizer.search import Plan, UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
+from quantizer.search import UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
 from quantizer.units import Unit, find_units, quantization_rate
 from training.checkpoint import Checkpoint
 
@@ -439,5 +438,4 @@ def build_blockwise(fp32_path: Path, out_path: Path, units: list[Unit], int8: se
     return out_path
 
 
-Runner = Callable[[Path], float]
-__all__ = ["DecoderSamp", "DecoderSampSettings", "Plan", "build_blockwise", "simulated_int8"]
+__all__ = ["DecoderSamp", "DecoderSampSettings", "build_blockwise", "simulated_int8"]

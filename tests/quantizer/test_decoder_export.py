@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from quantizer.decoder_export import OrtDecoder, left_padded, torch_greedy
+from quantizer.decoder_export import OrtDecoder, torch_greedy
+from service.generation.cache import left_pad
 from quantizer.engines import ort_session
 from quantizer.export import export_decoder
 from tests.tiny_llama import tiny_llama
@@ -28,7 +29,7 @@ def test_signature_and_cache_layout(exported):
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert len(inputs) == 3 + 2 * config.encoder.num_layers
     decoder = OrtDecoder.for_checkpoint(session, checkpoint)
-    ids, mask = left_padded([[5, 6, 7, 8], [9, 10]], config.pad_token_id)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], config.pad_token_id)
     logits, present = decoder.run(ids, mask, None)
     assert logits.shape == (2, config.vocab_size)  # the last position only
     assert present[0].shape == (2, config.key_value_heads, 4, config.attention_head_dim)  # kv heads, not 4

@@ -8,8 +8,9 @@ import onnx
 import pytest
 import torch
 
-from quantizer.decoder_export import OrtDecoder, left_padded
+from quantizer.decoder_export import OrtDecoder
 from quantizer.engines import ort_session
+from service.generation.cache import left_pad
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings, build_blockwise
 from tests.tiny_llama import tiny_llama
 from training.data.gettext_topics import load_gettext_topics
@@ -58,7 +59,7 @@ def test_blockwise_builds_only_the_chosen_units_and_is_batch_invariant(samp, tmp
 def test_agreement_is_measured_against_fp32(samp):
     assert samp.evaluate(samp.info.path) == (1.0, 0.0)
     decoder = OrtDecoder.for_checkpoint(ort_session(samp.info.path), samp.checkpoint)
-    ids, mask = left_padded([samp.dev.ids[0, :8].tolist()], samp.checkpoint.config.pad_token_id)
+    ids, mask = left_pad([samp.dev.ids[0, :8].tolist()], samp.checkpoint.config.pad_token_id)
     logits, _ = decoder.run(ids, mask, None)
     assert logits.shape[-1] == samp.checkpoint.config.vocab_size
 
