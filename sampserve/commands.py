@@ -5,7 +5,7 @@ it only for these commands, never for ``sampserve serve``."""
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -373,6 +373,81 @@ def crosslingual_eval(
     console.print(table)
     print(json.dumps({"checkpoint": str(checkpoint), "data": str(data), "prefix": prefix, "limit": limit,
                       "teacher": teacher, **result}))
+
+
+class RelationChoice(StrEnum):
+    relational = "relational"
+    infonce = "infonce"
+    none = "none"
+
+
+@app.command("distill")
+def distill_command(
+    out: Annotated[Path, typer.Argument(help="Run folder: one sub-folder (checkpoint + metrics.json) per stage.")],
+    data: Annotated[Path, typer.Option(help="`sampserve data gettext-parallel`'s folder.")],
+    assistant: Annotated[str, typer.Option(
+        help="Multilingual assistant: our checkpoint, or `e5-small` (imported once into OUT/models).")] = "e5-small",
+    teacher: Annotated[str, typer.Option(
+        help="English teacher: `minilm` (the bundled all-MiniLM-L6-v2, imported once), our checkpoint, or "
+             "`assistant` (no stage 1: the assistant is its own teacher).")] = "minilm",
+    stages: Annotated[list[str] | None, typer.Option(
+        help="Stages to run, in order: assistant bottleneck recurrence contrastive (default: all).")] = None,
+    embedding_size: Annotated[int, typer.Option(help="Bottleneck width E (0: the full word table).")] = 128,
+    unique_layers: Annotated[int, typer.Option(help="k: layers holding weights.")] = 3,
+    cycles: Annotated[int, typer.Option(help="r: times the k layers are applied.")] = 4,
+    bottleneck_init: Annotated[str, typer.Option(help="svd (from the assistant's table) or random.")] = "svd",
+    relation: Annotated[RelationChoice, typer.Option(help="Stage 4's in-batch term.")] = RelationChoice.relational,
+    train_pairs: Annotated[int, typer.Option(help="Training pairs per language.")] = 2000,
+    test_pairs: Annotated[int, typer.Option(help="Test pairs per language (first in file order).")] = 1000,
+    steps: Annotated[float, typer.Option(help="Multiply every stage's default step count by this.")] = 1.0,
+    settings_file: Annotated[Path | None, typer.Option(
+        "--settings", help="A DistillSettings JSON file; replaces every option above except OUT.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Vector cache to share between runs (default OUT/cache).")] = None,
+) -> None:
+    """Multi-stage cross-lingual distillation: a bottleneck, recurrent student of a multilingual encoder
+    (stages: assistant <- English teacher, bottleneck embeddings, recurrent layers, similarity-matrix
+    contrastive). Resumes a stopped run in OUT; prints each stage's retrieval acc@1 and ends with a table."""
+    from training.checkpoint import save_checkpoint
+    from training.crosslingual.distill import STAGES, DistillSettings, distill
+    from training.crosslingual.student import StudentShape
+    from training.jobs import bundled_minilm_dir, import_source
+
+    def checkpoint_dir(source: str, name: str) -> Path:
+        if Path(source).is_dir() and (Path(source) / "model_config.json").is_file():
+            return Path(source)
+        folder = out / "models" / name
+        if not (folder / "model_config.json").is_file():
+            imported, _ = import_source(bundled_minilm_dir() if source == "minilm" else source)
+            save_checkpoint(folder, imported.model, imported.head, imported.tokenizer)
+        return folder
+
+    if settings_file is not None:
+        settings = DistillSettings.model_validate_json(settings_file.read_text())
+    else:
+        chosen = tuple(stages or STAGES)
+        unknown = [s for s in chosen if s not in STAGES]
+        if unknown:
+            raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        teacher_dir = None if teacher == "assistant" else checkpoint_dir(teacher, "teacher")
+        if teacher_dir is None:
+            chosen = tuple(s for s in chosen if s != "assistant")
+        defaults = DistillSettings.model_fields
+        scaled = {f"{name}_stage": defaults[f"{name}_stage"].default.model_copy(
+            update={"steps": max(1, round(defaults[f"{name}_stage"].default.steps * steps))}) for name in STAGES}
+        settings = DistillSettings(
+            assistant=checkpoint_dir(assistant, "assistant"), teacher=teacher_dir, data=data, stages=chosen,
+            shape=StudentShape(embedding_size=embedding_size or None, unique_layers=unique_layers, cycles=cycles),
+            bottleneck_init=bottleneck_init, relation=relation.value, train_pairs=train_pairs,
+            test_pairs=test_pairs, **scaled)
+    result = distill(settings, out, cache)
+    table = Table("stage", "parameters", "mean acc@1", "STS proxy", *settings.languages,
+                  title=f"cross-lingual distillation: {out}")
+    for name, row in result["stages"].items():
+        table.add_row(name, f"{row['parameters']:,}", f"{row['mean']['acc@1']:.4f}",
+                      f"{row['mean'].get('sts_proxy', float('nan')):.4f}",
+                      *(f"{row['languages'][lang]['acc@1']:.3f}" for lang in settings.languages))
+    console.print(table)
+    console.print(f"final student: {result['final']}")
 
 
 def run(argv: list[str]) -> None:

@@ -44,6 +44,8 @@ class HeadInfo(BaseModel):
     text_pair: bool = False
     source: str = ""
     source_dir: str | None = None
+    text_prefix: str = ""
+    """Prepended to every input text before tokenizing: e5 models expect "query: " (or "passage: ")."""
     # Generation (task "lm"): what a chat server needs beside the weights. max_length is then the
     # context length: prompt and new tokens together.
     chat_template: str | None = None

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,9 @@ class TrainSettings(BaseModel):
         None, ge=1, description="End this run at step N (the schedule still spans the whole run); "
         "for time-boxed jobs that continue later with resume."
     )
+    group_by_length: bool = Field(
+        False, description="Batch records of similar length (each record's 'length' key) to cut padding: the "
+        "epoch's permutation is cut into runs of 50 batches, each run sorted by length, and the batches shuffled.")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -128,11 +131,26 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
-def global_batches(num_records: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's global batches (a seeded permutation cut into full batches; the rest dropped)."""
+LENGTH_GROUP_BATCHES = 50  # batches per length-sorted run under group_by_length
+
+
+def global_batches(num_records: int, batch_size: int, seed: int, epoch: int,
+                   lengths: list[int] | None = None) -> list[list[int]]:
+    """The epoch's global batches (a seeded permutation cut into full batches; the rest dropped).
+
+    With ``lengths`` the permutation is cut into runs of ``LENGTH_GROUP_BATCHES`` batches, each run sorted by
+    length before it is cut into batches, and the batch order shuffled (seeded): batches stay random but hold
+    records of similar length, so little of each batch is padding."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(num_records, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_records - batch_size + 1, batch_size)]
+    if lengths is not None:
+        run = batch_size * LENGTH_GROUP_BATCHES
+        order = [i for start in range(0, len(order), run)
+                 for i in sorted(order[start:start + run], key=lambda j: lengths[j])]
+    batches = [order[i : i + batch_size] for i in range(0, num_records - batch_size + 1, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 def shard(batch: list[int], grad_accum: int, env: Distributed) -> list[list[int]]:
@@ -177,16 +195,31 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     return meta
 
 
+class Objective(Protocol):
+    """What a step optimizes, when it is not the model's own target: ``module`` (which holds the model, so
+    DDP wraps it) runs on ``inputs(batch)`` and ``loss`` scores its output against the batch. Distillation
+    uses it: the loss compares a student's vectors with cached teacher vectors."""
+
+    module: torch.nn.Module
+
+    def inputs(self, batch: dict) -> dict[str, Any]: ...
+
+    def loss(self, output: Any, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
 class Trainer:
     def __init__(
         self,
         model: Model,
         tokenizer: Tokenizer,
         head: HeadInfo,
-        collator: Collator,
+        collator: Collator | Any,
         settings: TrainSettings,
         out_dir: Path,
+        objective: Objective | None = None,
     ) -> None:
+        """``collator`` turns records into a batch; ``objective`` (default: the model's target) gives the loss.
+        Parameters with ``requires_grad`` off stay frozen and get no optimizer state."""
         self.env, self.device = setup_distributed()
         if settings.batch_size % (settings.grad_accum * self.env.world_size):
             raise ValueError(
@@ -201,24 +234,28 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.objective = objective
+        forward = objective.module.to(self.device) if objective is not None else model
         self.wrapped: torch.nn.Module = (
-            DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            DistributedDataParallel(forward, device_ids=[self.device] if self.device.type == "cuda" else None)
             if self.env.world_size > 1
-            else model
+            else forward
         )
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr,
         )
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        # Model.loss, with the forward through the wrapper: DDP syncs gradients from its forward.
-        target = self.model.target
+        # The objective's (default: Model.loss's) loss, with the forward through the wrapper: DDP syncs
+        # gradients from its forward.
+        objective = self.objective or self.model.target
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return target.loss(self.wrapped(**target.inputs(batch)), batch)
+            return objective.loss(self.wrapped(**objective.inputs(batch)), batch)
 
     def train(self, records: list[dict], dev_records: list[dict] | None = None, resume: bool = False) -> TrainResult:
         s = self.settings
@@ -238,13 +275,14 @@ class Trainer:
             for _ in range(step):  # replay the schedule to where the run stopped
                 scheduler.step()
         stop = min(total, s.stop_at_step or total)
+        lengths = [int(r["length"]) for r in records] if s.group_by_length else None
         start, seen, last_loss = time.perf_counter(), 0, float("nan")
-        self.model.train()
+        (self.objective.module if self.objective is not None else self.model).train()
         with self._progress(total) as progress:
             task = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate=0.0)
             while step < stop:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
-                batch_ids = global_batches(len(records), s.batch_size, s.seed, epoch)[in_epoch]
+                batch_ids = global_batches(len(records), s.batch_size, s.seed, epoch, lengths)[in_epoch]
                 last_loss = self._step(records, batch_ids, epoch)
                 scheduler.step()
                 step += 1
@@ -289,7 +327,7 @@ class Trainer:
             total_loss += float(loss.detach()) / s.grad_accum
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -306,17 +344,24 @@ class Trainer:
     def evaluate(self, records: list[dict], batch_size: int = 64) -> dict[str, float]:
         """Mean loss and metrics over ``records`` (every rank computes the same numbers)."""
         self.model.eval()
+        if self.objective is not None:
+            self.objective.module.eval()
         totals: dict[str, float] = {}
         count = 0
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
             ids = list(range(i, i + len(chunk)))
             batch = to_device(self.collator(chunk, ids, epoch=0), self.device)
-            loss, metrics = self.model.loss(batch)
+            if self.objective is not None:
+                loss, metrics = self.objective.loss(self.objective.module(**self.objective.inputs(batch)), batch)
+            else:
+                loss, metrics = self.model.loss(batch)
             for key, value in {"loss": float(loss), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(chunk)
             count += len(chunk)
         self.model.train()
+        if self.objective is not None:
+            self.objective.module.train()
         return {key: value / count for key, value in totals.items()}
 
     def save(self, step: int, summary: dict | None = None) -> None:

@@ -234,5 +234,6 @@ def import_e5(bin_path: Path | str | None = None, tokenizer_path: Path | str | N
         raise ValueError(f"E5S1 import leaves parameters unset: {sorted(unset)}")
     model.load_state_dict(state, strict=False)
     model.eval()
-    head = HeadInfo(task=TARGETS[config.target.name].task, max_length=e5.header.max_position, source=SOURCE)
+    head = HeadInfo(task=TARGETS[config.target.name].task, max_length=e5.header.max_position, source=SOURCE,
+                    text_prefix=QUERY_PREFIX)
     return Checkpoint(model=model, head=head, tokenizer=tokenizer, path=bin_path)

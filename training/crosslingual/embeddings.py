@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,8 +19,28 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from training.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
+from training.components.pooling import POOLING
+from training.model import Model
 
 CACHE_KEY_VERSION = 1  # bump when the encoding itself changes, so old cache files stop matching
+
+Output = Literal["served", "pooled", "embedding"]
+"""Which vector of a sentence: the served one (pooled, normalized when the head normalizes), the pooled final
+states before any normalization, or the pooled embedding-layer output (no encoder layer)."""
+
+
+def sentence_vectors(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None, output: Output = "served") -> torch.Tensor:
+    """(B, T) token ids -> (B, H) sentence vectors of the kind ``output`` names, with the model's pooling.
+
+    The distillation losses compare un-normalized pooled vectors ("pooled", "embedding"), as the multi-stage
+    distillation code does; retrieval uses the served ones."""
+    if output == "served":
+        return model(input_ids, attention_mask, token_type_ids)
+    pool = POOLING[model.config.target.pooling]
+    if output == "embedding":
+        return pool(model.embedding(input_ids, token_type_ids), attention_mask)
+    return pool(model.encode(input_ids, attention_mask, token_type_ids).hidden, attention_mask)
 
 
 def _checkpoint(checkpoint: Checkpoint | Path | str) -> Checkpoint:
@@ -27,9 +48,9 @@ def _checkpoint(checkpoint: Checkpoint | Path | str) -> Checkpoint:
 
 
 def encode(checkpoint: Checkpoint | Path | str, texts: list[str], batch_size: int = 64, max_length: int = 64,
-           prefix: str = "", progress: bool = False) -> np.ndarray:
-    """``prefix + text`` for each text -> the model's output (pooled, normalized for a contrastive head) as
-    float32 (N, d), in the order of ``texts``.
+           prefix: str = "", progress: bool = False, output: Output = "served") -> np.ndarray:
+    """``prefix + text`` for each text -> the model's ``output`` vectors (default: the served output, pooled
+    and normalized for a contrastive head) as float32 (N, d), in the order of ``texts``.
 
     Texts are tokenized once (truncated to ``max_length``, capped by the head's max_length), sorted by
     token count and run in batches padded to their longest, under ``torch.inference_mode``."""
@@ -61,7 +82,8 @@ def encode(checkpoint: Checkpoint | Path | str, texts: list[str], batch_size: in
                 ids[r, :len(e.ids)] = torch.tensor(e.ids)
                 mask[r, :len(e.ids)] = 1
                 types[r, :len(e.ids)] = torch.tensor(e.type_ids)
-            vectors = ck.model(ids.to(device), mask.to(device), types.to(device)).float().cpu().numpy()
+            vectors = sentence_vectors(ck.model, ids.to(device), mask.to(device), types.to(device),
+                                       output).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
@@ -85,11 +107,14 @@ def weights_fingerprint(checkpoint: Checkpoint) -> str:
     return f"state:{digest.hexdigest()}"
 
 
-def cache_key(checkpoint: Checkpoint, texts: list[str], prefix: str, max_length: int) -> str:
-    """SHA-256 over the weights' fingerprint, the texts, the prefix and max_length."""
+def cache_key(checkpoint: Checkpoint, texts: list[str], prefix: str, max_length: int,
+              output: Output = "served") -> str:
+    """SHA-256 over the weights' fingerprint, the texts, the prefix, max_length and the output kind."""
     digest = hashlib.sha256()
     head = {"v": CACHE_KEY_VERSION, "weights": weights_fingerprint(checkpoint), "prefix": prefix,
             "max_length": max_length, "count": len(texts)}
+    if output != "served":  # served keys stay as they were, so existing cache files keep matching
+        head["output"] = output
     digest.update(json.dumps(head, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
@@ -98,15 +123,17 @@ def cache_key(checkpoint: Checkpoint, texts: list[str], prefix: str, max_length:
 
 
 def cached_encode(checkpoint: Checkpoint | Path | str, texts: list[str], cache_dir: Path | str,
-                  batch_size: int = 64, max_length: int = 64, prefix: str = "", progress: bool = False) -> np.ndarray:
+                  batch_size: int = 64, max_length: int = 64, prefix: str = "", progress: bool = False,
+                  output: Output = "served") -> np.ndarray:
     """``encode``, read from ``cache_dir/<key>.safetensors`` when there, else computed and written there
     (atomically: a temp file renamed into place)."""
     ck = _checkpoint(checkpoint)
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{cache_key(ck, texts, prefix, max_length)}.safetensors"
+    path = cache_dir / f"{cache_key(ck, texts, prefix, max_length, output)}.safetensors"
     if path.is_file():
         return load_file(str(path))["embeddings"]
-    vectors = encode(ck, texts, batch_size=batch_size, max_length=max_length, prefix=prefix, progress=progress)
+    vectors = encode(ck, texts, batch_size=batch_size, max_length=max_length, prefix=prefix, progress=progress,
+                     output=output)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".safetensors", dir=cache_dir)
     os.close(fd)
