@@ -89,6 +89,16 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
+def retrieval_accuracy(a: np.ndarray, b: np.ndarray) -> float:
+    """Bidirectional accuracy@1 of finding row i of ``b`` from row i of ``a`` by cosine, and back (the
+    mean of both directions). An absolute score: a quantized plan's drop is FP32's score minus its own."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    scores = a @ b.T
+    expected = np.arange(len(a))
+    return float(((scores.argmax(1) == expected).mean() + (scores.argmax(0) == expected).mean()) / 2)
+
+
 @dataclass
 class TaskEval:
     """A task metric on fixed inputs. ``score`` compares a candidate's outputs with the FP32
@@ -98,12 +108,15 @@ class TaskEval:
     feeds: list[Feed]
     pair_split: int | None = None  # matching: rows [:n] are side a, [n:] side b
     labels: np.ndarray | None = None
+    retrieval: bool = False  # matching: score translation retrieval instead of Spearman against FP32
 
     def score(self, outputs: np.ndarray, reference: np.ndarray) -> float:
         if self.labels is not None:
             return float((outputs.argmax(-1) == self.labels).mean())
         n = self.pair_split
         assert n is not None
+        if self.retrieval:
+            return retrieval_accuracy(outputs[:n], outputs[n:])
         return spearman(cosine_rows(outputs[:n], outputs[n:]), cosine_rows(reference[:n], reference[n:]))
 
     def cosine_to_reference(self, outputs: np.ndarray, reference: np.ndarray) -> float:

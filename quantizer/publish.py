@@ -92,6 +92,7 @@ def served_head(checkpoint: Checkpoint, info: ExportInfo) -> HeadMeta:
         pad_token_id=checkpoint.config.pad_token_id,
         labels=checkpoint.head.labels,
         normalized=bool(checkpoint.config.target.normalize),
+        text_prefix=checkpoint.head.text_prefix or None,
     )
 
 

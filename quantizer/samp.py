@@ -54,6 +54,9 @@ class SampSettings(BaseModel):
     repeats: int = Field(5, ge=1)
     max_candidates: int = Field(6, ge=2, description="Frontier plans measured for the report's plot.")
     max_examples: int = Field(256, ge=8, description="Records in each of calibration, dev and test.")
+    matching_metric: Literal["spearman_vs_fp32", "retrieval"] = Field(
+        "spearman_vs_fp32", description="Matching: Spearman of the pairs' cosines against FP32's, or translation "
+        "retrieval accuracy@1 (text_a <-> text_b among the split's pairs, both directions; needs text_b).")
 
 
 class Candidate(BaseModel):
@@ -115,8 +118,10 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
         raise ValueError(f"SAMP needs at least 24 records to split into calibration/dev/test, got {len(rows)}")
     calib_rows, dev_rows, test_rows = rows[:third], rows[third : 2 * third], rows[2 * third : 3 * third]
 
+    prefix = head.text_prefix  # e5-style models expect "query: " before every text
+
     def texts(part: list[dict]) -> list[str]:
-        return [r.get("text") or r.get("text_a") or "" for r in part]
+        return [prefix + (r.get("text") or r.get("text_a") or "") for r in part]
 
     def task_eval(part: list[dict], name: str) -> TaskEval:
         if head.task == "classification":
@@ -125,8 +130,11 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
             feeds = [tokenize(checkpoint.tokenizer, texts(part[i:i + batch]), max_length, pad, input_names,
                               pairs[i:i + batch] if pairs else None) for i in range(0, len(part), batch)]
             return TaskEval(name=name, feeds=feeds, labels=labels)
+        retrieval = settings.matching_metric == "retrieval"
+        if retrieval and "text_b" not in part[0]:
+            raise ValueError("the retrieval metric needs pairs: records with text_a and text_b")
         if "text_b" in part[0]:
-            side_a, side_b = texts(part), [r["text_b"] for r in part]
+            side_a, side_b = texts(part), [prefix + r["text_b"] for r in part]
         else:
             pool = texts(part)
             rng = random.Random(f"{seed}/{name}")
@@ -135,7 +143,7 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
                  for i in range(0, len(side_a), batch)]
         feeds += [tokenize(checkpoint.tokenizer, side_b[i:i + batch], max_length, pad, input_names)
                   for i in range(0, len(side_b), batch)]
-        return TaskEval(name=name, feeds=feeds, pair_split=len(side_a))
+        return TaskEval(name=name, feeds=feeds, pair_split=len(side_a), retrieval=retrieval)
 
     calib_texts = texts(calib_rows)
     per_batch = max(1, len(calib_texts) // settings.calibration_batches)
@@ -332,7 +340,9 @@ class Samp:
         return out
 
     def _metric_name(self) -> str:
-        return "accuracy" if self.checkpoint.head.task == "classification" else "spearman_vs_fp32"
+        if self.checkpoint.head.task == "classification":
+            return "accuracy"
+        return "retrieval_acc@1" if self.settings.matching_metric == "retrieval" else "spearman_vs_fp32"
 
     def _step(self, text: str) -> None:
         if self.progress is not None:

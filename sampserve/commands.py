@@ -192,6 +192,10 @@ def quantize(
         help="Generators: largest relative perplexity increase on held-out text (0.02 = 2%).")] = 0.02,
     batch_invariant: Annotated[bool, typer.Option(
         help="Generators: admit only INT8 forms whose rows do not depend on batch-mates.")] = True,
+    matching_metric: Annotated[str, typer.Option(
+        help="Matching: spearman_vs_fp32, or retrieval (accuracy@1 finding text_b from text_a and back; "
+             "for translation pairs).")] = "spearman_vs_fp32",
+    max_examples: Annotated[int, typer.Option(help="Records in each of calibration, dev and test.")] = 256,
 ) -> None:
     """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
     it, and publish it as the next version in the repository with its report. For a generator (an
@@ -211,7 +215,8 @@ def quantize(
     else:
         settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
                                 calibration_method=calibration_method, threads=threads,
-                                sequence_length=sequence_length, repeats=repeats)
+                                sequence_length=sequence_length, repeats=repeats,
+                                matching_metric=matching_metric, max_examples=max_examples)
     quantize_and_publish(loaded, read_records(data), settings, repo, model, console)
 
 
@@ -407,19 +412,11 @@ def distill_command(
     """Multi-stage cross-lingual distillation: a bottleneck, recurrent student of a multilingual encoder
     (stages: assistant <- English teacher, bottleneck embeddings, recurrent layers, similarity-matrix
     contrastive). Resumes a stopped run in OUT; prints each stage's retrieval acc@1 and ends with a table."""
-    from training.checkpoint import save_checkpoint
-    from training.crosslingual.distill import STAGES, DistillSettings, distill
+    from training.crosslingual.distill import STAGES, DistillSettings, distill, ensure_checkpoint
     from training.crosslingual.student import StudentShape
-    from training.jobs import bundled_minilm_dir, import_source
 
     def checkpoint_dir(source: str, name: str) -> Path:
-        if Path(source).is_dir() and (Path(source) / "model_config.json").is_file():
-            return Path(source)
-        folder = out / "models" / name
-        if not (folder / "model_config.json").is_file():
-            imported, _ = import_source(bundled_minilm_dir() if source == "minilm" else source)
-            save_checkpoint(folder, imported.model, imported.head, imported.tokenizer)
-        return folder
+        return ensure_checkpoint(source, out / "models" / name)
 
     if settings_file is not None:
         settings = DistillSettings.model_validate_json(settings_file.read_text())

@@ -277,6 +277,8 @@ class HeadMeta(BaseModel):
     """Classification: the class names, by logit index."""
     normalized: bool = False
     """Matching: the graph's embeddings are already unit length (the server skips normalizing)."""
+    text_prefix: str | None = None
+    """Put before every input text before tokenizing (multilingual-e5 models expect "query: ")."""
     generation: GenerationMeta | None = None
     """Generation: cache layout, stop ids, chat template; ``max_length`` is then the most tokens a
     sequence may hold, prompt and output together."""

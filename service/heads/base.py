@@ -37,6 +37,7 @@ class TextEncoder:
         self.tokenizer.no_truncation()
         self._truncating = Tokenizer.from_str(self.tokenizer.to_str())
         self._truncating.enable_truncation(max_length=self.max_length)
+        self.text_prefix: str = self.meta.text_prefix or ""
 
     def encode(self, texts: list[str], pairs: list[str] | None = None, truncate: bool = False,
                field: str = "texts") -> list[Encoded]:
@@ -44,6 +45,8 @@ class TextEncoder:
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInput(f"{field}: {len(texts)} texts but {len(pairs)} pair texts")
         tokenizer = self._truncating if truncate else self.tokenizer
+        if self.text_prefix:  # part of the model's input format: counted in its max_length
+            texts = [self.text_prefix + text for text in texts]
         if len(texts) == 1:  # the common case: no need to wake encode_batch's thread pool for one text
             batch = [tokenizer.encode(texts[0], pairs[0] if pairs is not None else None)]
         else:

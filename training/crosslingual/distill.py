@@ -363,6 +363,20 @@ class Distillation:
                            lambda p: {"teacher_en": t(p.en, "pooled")})
 
 
+def ensure_checkpoint(source: str | Path, folder: Path) -> Path:
+    """``source`` when it is our checkpoint folder; else ``source`` (``e5-small``, ``minilm`` for the bundled
+    all-MiniLM-L6-v2, a Hugging Face folder, a GGUF or E5S1 file) imported once into ``folder``."""
+    from training.checkpoint import save_checkpoint
+    from training.jobs import bundled_minilm_dir, import_source
+
+    if Path(source).is_dir() and (Path(source) / "model_config.json").is_file():
+        return Path(source)
+    if not (folder / "model_config.json").is_file():
+        imported, _ = import_source(bundled_minilm_dir() if str(source) == "minilm" else source)
+        save_checkpoint(folder, imported.model, imported.head, imported.tokenizer)
+    return folder
+
+
 def distill(settings: DistillSettings, out: Path, cache: Path | None = None) -> dict:
     """Run (or resume) the stages of ``settings`` in ``out``; returns the report."""
     return Distillation(settings, out, cache).run()
