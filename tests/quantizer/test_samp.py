@@ -110,3 +110,24 @@ def test_minilm_plan_keeps_one_point_on_dev_and_unseen_test(minilm_checkpoint, t
     assert chosen.int8 != []
     assert 1.0 - chosen.dev_metric <= 0.01 and 1.0 - chosen.test_metric <= 0.01
     assert np.isfinite(chosen.speedup_vs_torch)
+
+
+def test_retrieval_metric_scores_both_directions_and_falls_when_rows_are_confused() -> None:
+    from quantizer.measure import TaskEval, retrieval_accuracy
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 8))
+    b = a + 0.01 * rng.normal(size=(20, 8))
+    assert retrieval_accuracy(a, b) == 1.0
+    confused = b.copy()
+    confused[[0, 1]] = b[[1, 0]]  # two translations swapped: both lose in both directions
+    assert retrieval_accuracy(a, confused) == pytest.approx(18 / 20)
+    evaluation = TaskEval(name="dev", feeds=[], pair_split=20, retrieval=True)
+    assert evaluation.score(np.concatenate([a, confused]), np.concatenate([a, b])) == pytest.approx(0.9)
+
+
+def test_retrieval_metric_needs_pairs(tiny_embedder, topics_data, tmp_path) -> None:
+    records = read_records(topics_data / "dev.jsonl")  # single texts: nothing to retrieve
+    with pytest.raises(ValueError, match="text_a and text_b"):
+        Samp(load_checkpoint(tiny_embedder), records, SampSettings(matching_metric="retrieval", **FAST),
+             workdir=tmp_path)
