@@ -2,6 +2,7 @@
 evaluate chain through the CLI."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -176,3 +177,22 @@ def test_pretrain_finetune_evaluate_chain_through_the_cli(tmp_path, topics_data)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+
+
+def test_length_grouped_batches_cover_the_same_records_with_less_padding() -> None:
+
+
+
+    lengths = [random.Random(i).randint(3, 64) for i in range(2000)]
+    plain = global_batches(2000, 16, seed=0, epoch=0)
+    grouped = global_batches(2000, 16, seed=0, epoch=0, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # a permutation's batches
+    assert global_batches(2000, 16, seed=0, epoch=0, lengths=lengths) == grouped  # seeded
+    assert global_batches(2000, 16, seed=0, epoch=1, lengths=lengths) != grouped
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 5
+    order = [min(lengths[i] for i in b) for b in grouped]
+    assert order != sorted(order)  # the batches themselves are shuffled, not served short to long

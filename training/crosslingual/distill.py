@@ -377,6 +377,13 @@ def ensure_checkpoint(source: str | Path, folder: Path) -> Path:
     return folder
 
 
+def crosslingual_settings(assistant: Path, data: Path) -> DistillSettings:
+    """The served student's recipe (``sampserve up --with crosslingual``): the assistant as its own teacher,
+    stages 2-4 at their default budgets, E=128 with 3 layers cycled 4 times, nine languages."""
+    return DistillSettings(assistant=assistant, teacher=None, data=data, progress=False,
+                           stages=("bottleneck", "recurrence", "contrastive"))
+
+
 def distill(settings: DistillSettings, out: Path, cache: Path | None = None) -> dict:
     """Run (or resume) the stages of ``settings`` in ``out``; returns the report."""
     return Distillation(settings, out, cache).run()
