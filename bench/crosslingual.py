@@ -44,21 +44,25 @@ from training.crosslingual.student import StudentShape  # noqa: E402
 MARKS = ("<!-- bench/crosslingual.py begin -->", "<!-- bench/crosslingual.py end -->")
 STUDENT_STAGES = ("bottleneck", "recurrence", "contrastive")
 
+RECURRENT = StudentShape(embedding_size=128, unique_layers=3, cycles=4)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("the method: stages 2, 3, 4 (E=128, 3 layers x 4)", {}),
+    "full": ("the served recipe: stages 2, 3, 4; E=128, the 12 layers once", {}),
+    "recurrent-3x4": ("the method's recurrence: stages 2, 3, 4; E=128, 3 layers x 4", {"shape": RECURRENT}),
+    "e256-6x2": ("stages 2, 3, 4; E=256, 6 layers x 2",
+                 {"shape": StudentShape(embedding_size=256, unique_layers=6, cycles=2)}),
+    "recurrent-no-bottleneck": ("3 layers x 4 without the bottleneck (the full word table); stages 3, 4",
+                                {"stages": ("recurrence", "contrastive"),
+                                 "shape": StudentShape(embedding_size=None, unique_layers=3, cycles=4)}),
+    "recurrent-3x1": ("3 layers once (no recurrence), E=128; stages 2, 3, 4",
+                      {"shape": StudentShape(embedding_size=128, unique_layers=3, cycles=1)}),
     "one-shot": ("no stages: stage 4's loss alone from a random bottleneck, for stages 3+4's steps",
                  {"stages": ("contrastive",), "bottleneck_init": "random", "_one_shot": True}),
     "no-stage2": ("without stage 2: a random bottleneck, then stages 3 and 4",
                   {"stages": ("recurrence", "contrastive"), "bottleneck_init": "random"}),
     "random-bottleneck": ("stage 2 from a random table (the paper's start) instead of the SVD",
                           {"bottleneck_init": "random"}),
-    "no-bottleneck": ("without the bottleneck: the full word table, 3 layers x 4",
-                      {"stages": ("recurrence", "contrastive"), "shape": StudentShape(embedding_size=None)}),
-    "no-recurrence": ("without recurrence: 3 layers applied once",
-                      {"shape": StudentShape(embedding_size=128, unique_layers=3, cycles=1)}),
     "no-relation": ("stage 4 without the similarity-matrix term", {"relation": "none"}),
     "infonce": ("stage 4 with InfoNCE (scale 20) instead of the similarity-matrix MSE", {"relation": "infonce"}),
-    "e256-6x2": ("E=256, 6 layers x 2", {"shape": StudentShape(embedding_size=256, unique_layers=6, cycles=2)}),
 }
 
 
@@ -149,6 +153,8 @@ def plot(points: list[tuple[str, float, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "xl-bench")
+    parser.add_argument("--assistant", default="e5-small", help="Our checkpoint of multilingual-e5-small, or "
+                                                                  "e5-small (imported into OUT/models once).")
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "xl-data")
     parser.add_argument("--languages", nargs="+", default=["de", "fr", "es", "it", "nl", "tr", "ru", "zh_CN", "ja"])
     parser.add_argument("--teacher", choices=("minilm", "assistant"), default="assistant",
@@ -166,7 +172,7 @@ def main() -> None:
     started = time.perf_counter()
 
     models = args.out / "models"
-    assistant = ensure_checkpoint("e5-small", models / "e5-small")
+    assistant = ensure_checkpoint(args.assistant, models / "e5-small")
     minilm = ensure_checkpoint("minilm", models / "minilm")
     data = ensure_data(args.data, args.languages)
     base = DistillSettings(

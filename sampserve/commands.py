@@ -401,8 +401,8 @@ def distill_command(
     stages: Annotated[list[str] | None, typer.Option(
         help="Stages to run, in order: assistant bottleneck recurrence contrastive (default: all).")] = None,
     embedding_size: Annotated[int, typer.Option(help="Bottleneck width E (0: the full word table).")] = 128,
-    unique_layers: Annotated[int, typer.Option(help="k: layers holding weights.")] = 3,
-    cycles: Annotated[int, typer.Option(help="r: times the k layers are applied.")] = 4,
+    unique_layers: Annotated[int, typer.Option(help="k: layers holding weights (the assistant's first k).")] = 12,
+    cycles: Annotated[int, typer.Option(help="r: times the k layers are applied (method: 3 x 4).")] = 1,
     bottleneck_init: Annotated[str, typer.Option(help="svd (from the assistant's table) or random.")] = "svd",
     relation: Annotated[RelationChoice, typer.Option(help="Stage 4's in-batch term.")] = RelationChoice.relational,
     train_pairs: Annotated[int, typer.Option(help="Training pairs per language.")] = 2000,

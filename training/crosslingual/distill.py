@@ -379,7 +379,8 @@ def ensure_checkpoint(source: str | Path, folder: Path) -> Path:
 
 def crosslingual_settings(assistant: Path, data: Path) -> DistillSettings:
     """The served student's recipe (``sampserve up --with crosslingual``): the assistant as its own teacher,
-    stages 2-4 at their default budgets, E=128 with 3 layers cycled 4 times, nine languages."""
+    stages 2-4 at their default budgets, E=128 with the assistant's 12 layers applied once (``StudentShape()``;
+    on dev, 3 layers cycled 4 times stayed far below it at this budget), nine languages."""
     return DistillSettings(assistant=assistant, teacher=None, data=data, progress=False,
                            stages=("bottleneck", "recurrence", "contrastive"))
 

@@ -22,13 +22,14 @@ LayerInit = Literal["assistant", "random"]
 
 
 class StudentShape(BaseModel):
-    """The three sizes the paper varies."""
+    """The three sizes the paper varies. The default, E = 128 with the assistant's 12 layers applied once, is
+    the served recipe (46 % of e5-small); the method's recurrent students are k = 3, r = 4 and k = 6, r = 2."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     embedding_size: int | None = Field(128, ge=8, description="Bottleneck width E; None: the full word table.")
-    unique_layers: int = Field(3, ge=1, description="k: layers holding weights.")
-    cycles: int = Field(4, ge=1, description="r: times the k layers are applied in order (depth k x r).")
+    unique_layers: int = Field(12, ge=1, description="k: layers holding weights.")
+    cycles: int = Field(1, ge=1, description="r: times the k layers are applied in order (depth k x r).")
 
     @property
     def label(self) -> str:
