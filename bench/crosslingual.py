@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                           {"bottleneck_init": "random"}),
     "no-relation": ("stage 4 without the similarity-matrix term", {"relation": "none"}),
     "infonce": ("stage 4 with InfoNCE (scale 20) instead of the similarity-matrix MSE", {"relation": "infonce"}),
+    "assistant-stage4": ("reference: the assistant itself (full table, 12 layers) trained with stage 4 only",
+                         {"stages": ("contrastive",), "shape": StudentShape(embedding_size=None)}),
 }
 
 
