@@ -34,6 +34,7 @@ from training.crosslingual.distill import (  # noqa: E402
     STAGES,
     DistillSettings,
     Pairs,
+    Vectors,
     ensure_checkpoint,
     evaluate_retrieval,
     distill,
@@ -61,8 +62,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                   {"stages": ("recurrence", "contrastive"), "bottleneck_init": "random"}),
     "random-bottleneck": ("stage 2 from a random table (the paper's start) instead of the SVD",
                           {"bottleneck_init": "random"}),
-    "no-relation": ("stage 4 without the similarity-matrix term", {"relation": "none"}),
-    "infonce": ("stage 4 with InfoNCE (scale 20) instead of the similarity-matrix MSE", {"relation": "infonce"}),
+    "no-relation": ("stage 4 without the similarity-matrix term", {"relation": "none", "_reuse": "full"}),
+    "infonce": ("stage 4 with InfoNCE (scale 20) instead of the similarity-matrix MSE",
+                {"relation": "infonce", "_reuse": "full"}),
     "assistant-stage4": ("reference: the assistant itself (full table, 12 layers) trained with stage 4 only",
                          {"stages": ("contrastive",), "shape": StudentShape(embedding_size=None)}),
 }
@@ -76,8 +78,30 @@ def ensure_data(folder: Path, languages: list[str]) -> Path:
     return folder
 
 
+# Settings that only stage 4 reads: a variant differing from another in these alone shares its earlier stages.
+STAGE4_ONLY = {"relation", "contrastive_stage", "progress"}
+
+
+def share_earlier_stages(source: Path, target: Path, settings: DistillSettings) -> None:
+    """Link ``source``'s finished stages before stage 4 into ``target`` (so a stage-4 ablation trains only
+    stage 4), after checking that the two runs' settings differ only in what stage 4 reads: the shared
+    stages are then exactly what ``target`` would have trained itself."""
+    saved = source / "settings.json"
+    if not saved.is_file():
+        return  # the source has not run: the variant trains every stage itself
+    theirs = {k: v for k, v in json.loads(saved.read_text()).items() if k not in STAGE4_ONLY}
+    ours = {k: v for k, v in settings.model_dump(mode="json").items() if k not in STAGE4_ONLY}
+    if theirs != ours:
+        raise ValueError(f"{target.name}: settings differ from {source.name}'s beyond stage 4; cannot share")
+    target.mkdir(parents=True, exist_ok=True)
+    for stage in ("assistant_original", "assistant", "bottleneck", "recurrence"):
+        done, link = source / stage, target / stage
+        if (done / "metrics.json").is_file() and not link.exists():
+            link.symlink_to(done.resolve(), target_is_directory=True)
+
+
 def variant_settings(base: DistillSettings, overrides: dict[str, Any]) -> DistillSettings:
-    overrides = dict(overrides)
+    overrides = {k: v for k, v in overrides.items() if k != "_reuse"}
     if overrides.pop("_one_shot", False):
         steps = base.recurrence_stage.steps + base.contrastive_stage.steps
         overrides["contrastive_stage"] = base.contrastive_stage.model_copy(update={"steps": steps})
@@ -165,7 +189,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply every stage's steps.")
     parser.add_argument("--train-pairs", type=int, default=2000)
     parser.add_argument("--test-pairs", type=int, default=1000)
-    parser.add_argument("--no-samp", action="store_true", help="Skip SAMP and the speed comparison.")
+    parser.add_argument("--no-samp", action="store_true", help="Skip SAMP and the speed comparison (the last "
+                        "measurement of the same full student, OUT/<track>/samp.md, is shown instead).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -188,12 +213,17 @@ def main() -> None:
     reports = {}
     for name in variants:
         print(f"== {name}: {VARIANTS[name][0]}", flush=True)
-        reports[name] = distill(variant_settings(base, VARIANTS[name][1]), folder / name, cache)
+        settings = variant_settings(base, VARIANTS[name][1])
+        if (source := VARIANTS[name][1].get("_reuse")) is not None:
+            share_earlier_stages(folder / source, folder / name, settings)
+        reports[name] = distill(settings, folder / name, cache)
 
     langs = list(args.languages)
     test = read_pairs(data / "test.jsonl", langs, args.test_pairs, sample_seed=None)
     english = load_checkpoint(minilm)
-    minilm_result = evaluate_retrieval(english, test, langs, 64, None, cache_dir=cache)
+    teacher = Vectors(english if args.teacher == "minilm" else load_checkpoint(assistant), cache, 64, False)
+    teacher_test = {lang: teacher(test.of(lang)[0], "served") for lang in langs}  # cached by the runs
+    minilm_result = evaluate_retrieval(english, test, langs, 64, teacher_test, cache_dir=cache)
     minilm_result["parameters"] = english.model.num_parameters()
     first = next(iter(reports.values()))["stages"]
     rows = [row("multilingual-e5-small (assistant)", first["assistant_original"], langs, weights_mb(assistant)),
@@ -220,6 +250,12 @@ def main() -> None:
     plot(points, png)
 
     speed_text = ""
+    saved_samp = folder / "samp.md"  # the last SAMP + speed measurement, kept for --no-samp invocations
+    command = "python bench/crosslingual.py " + " ".join(sys.argv[1:])
+    if args.no_samp and "full" in reports and saved_samp.is_file():
+        final = Path(reports["full"]["final"]) / "model.safetensors"
+        if saved_samp.stat().st_mtime > final.stat().st_mtime:  # measured on this very student
+            speed_text = saved_samp.read_text()
     if not args.no_samp and "full" in reports:
         from rich.console import Console
 
@@ -247,9 +283,11 @@ def main() -> None:
             + "\n".join(f"| {name} | {t[1]:.1f} | {t[32]:.1f} |" for name, t in timing.items())
             + f"\n| student / assistant speed | {timing['assistant FP32'][1] / timing['student SAMP'][1]:.2f}x | "
             f"{timing['assistant FP32'][32] / timing['student SAMP'][32]:.2f}x |\n")
+        saved_samp.write_text(f"Measured by `{command.strip()}` on {machine()}, "
+                              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n\n" + speed_text)
+        speed_text = saved_samp.read_text()
 
     minutes = (time.perf_counter() - started) / 60
-    command = "python bench/crosslingual.py " + " ".join(sys.argv[1:])
     text = (
         f"## Cross-lingual distillation\n\n`{command.strip()}` on {machine()}; this invocation took {minutes:.0f} min "
         f"(finished runs are reused). Translation retrieval accuracy@1 (both directions, mean) on the first "
