@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -272,6 +273,7 @@ def main() -> None:
         chosen = next(c for c in result.report.candidates if c.name == result.report.chosen)
         fp32 = next(c for c in result.report.candidates if c.name == "fp32")
         timing = speed(assistant, result.model_path, test, args.repeats, args.threads)
+        shutil.rmtree(result.workdir, ignore_errors=True)  # SAMP's ONNX plans: hundreds of MB each
         speed_text = (
             f"SAMP on the full student (budget: 1 point of retrieval acc@1 over {len(records) // 3} held-out dev pairs "
             f"of all languages): {result.report.verdict} Chosen plan `{chosen.name}`: {len(chosen.int8)} INT8 units, "

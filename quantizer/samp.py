@@ -9,6 +9,7 @@ the unit's share of matrix FLOPs (one unit alone moves latency less than run-to-
 from __future__ import annotations
 
 import random
+import itertools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,18 +187,25 @@ class Samp:
         }
         self.is_embedding = self.info.output_name == "embeddings"
         self._built: dict[tuple[str, frozenset[str]], Path] = {}
+        self._plan_ids = itertools.count()  # file names never reused, though plans are discarded
 
     # -- building and measuring plans -------------------------------------------------------
 
     def build(self, int8: frozenset[str], mode: str) -> Path:
         key = (mode, int8)
         if key not in self._built:
-            index = len(self._built)
-            path = self.workdir / f"plan-{index}.onnx"
+            path = self.workdir / f"plan-{next(self._plan_ids)}.onnx"
             apply_plan(self.info.path, path, self.units, set(int8), mode,  # type: ignore[arg-type]
                        self.data.calibration, self.settings.calibration_method)
             self._built[key] = path
         return self._built[key]
+
+    def discard(self, int8: frozenset[str], mode: str) -> None:
+        """Delete a plan that is measured once (a unit's sensitivity): kept, one full-size ONNX file per
+        unit would fill the disk (49 x 214 MB for a 12-layer model with a 250k-word table)."""
+        path = self._built.pop((mode, int8), None)
+        if path is not None and path != self.info.path:
+            path.unlink(missing_ok=True)
 
     def metric(self, path: Path, split: str = "dev") -> tuple[float, float | None]:
         evaluation = self.data.dev if split == "dev" else self.data.test
@@ -256,6 +264,7 @@ class Samp:
         for unit in self.units:
             self._step(f"sensitivity of {unit.name}")
             score, cosine = self.metric(self.build(frozenset({unit.name}), mode))
+            self.discard(frozenset({unit.name}), mode)
             gain = saved * unit.flops_per_token / total_flops
             cosine_loss = 1.0 - cosine if cosine is not None else 0.0
             measurements.append(UnitMeasurement(unit.name, self.fp32_metric["dev"] - score, gain, cosine_loss))

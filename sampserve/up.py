@@ -20,6 +20,8 @@ step come from ``SAMPSERVE_*`` variables like ``sampserve serve``'s, and are che
 
 from __future__ import annotations
 
+import tempfile
+
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +66,15 @@ def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: 
     text) with a spinner that logs each step, publish, and print the report's table. A checkpoint
     the server could not serve is refused before SAMP runs."""
     served_task(Path(repo) / model, checkpoint)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress:
+    with (Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as progress,
+          tempfile.TemporaryDirectory(prefix="samp-") as work):  # gone once the version is published
         progress.add_task(f"SAMP: quantizing {model}", total=None)
         samp: Samp | DecoderSamp
         if isinstance(settings, DecoderSampSettings):
-            samp = DecoderSamp(checkpoint, [r["text"] for r in records], settings, progress=progress)
+            samp = DecoderSamp(checkpoint, [r["text"] for r in records], settings, workdir=Path(work),
+                               progress=progress)
         else:
-            samp = Samp(checkpoint, records, settings, progress=progress)
+            samp = Samp(checkpoint, records, settings, workdir=Path(work), progress=progress)
         result = samp.run()
         version, notes = publish_result(samp, result, repo, model)
     print_table(result.report, console)

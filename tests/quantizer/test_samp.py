@@ -41,6 +41,10 @@ def test_report_holds_extremes_and_a_verified_plan(classifier_run):
         assert set(candidate.latency_ms) == {1, 4} and all(v > 0 for v in candidate.latency_ms.values())
     assert report.metric == "accuracy" and report.torch_eager_ms[4] > 0
     assert report.export_max_abs_diff <= 1e-4
+    # a unit's sensitivity plan is deleted once measured: what stays on disk is the plans still referenced
+    plans = set(result.workdir.glob("plan-*.onnx"))
+    assert result.model_path in plans and plans == {p for p in samp._built.values() if p.name.startswith("plan-")}
+    assert len(plans) < len(samp.units), [p.name for p in plans]
 
 
 def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(classifier_run, tmp_path, topics_data):
