@@ -8,8 +8,8 @@ the unit's share of matrix FLOPs (one unit alone moves latency less than run-to-
 
 from __future__ import annotations
 
-import random
 import itertools
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
