@@ -95,7 +95,7 @@ def share_earlier_stages(source: Path, target: Path, settings: DistillSettings) 
     if theirs != ours:
         raise ValueError(f"{target.name}: settings differ from {source.name}'s beyond stage 4; cannot share")
     target.mkdir(parents=True, exist_ok=True)
-    for stage in ("assistant_original", "assistant", "bottleneck", "recurrence"):
+    for stage in ("assistant_original", *STAGES[:STAGES.index("contrastive")]):
         done, link = source / stage, target / stage
         if (done / "metrics.json").is_file() and not link.exists():
             link.symlink_to(done.resolve(), target_is_directory=True)
@@ -285,9 +285,9 @@ def main() -> None:
             + "\n".join(f"| {name} | {t[1]:.1f} | {t[32]:.1f} |" for name, t in timing.items())
             + f"\n| student / assistant speed | {timing['assistant FP32'][1] / timing['student SAMP'][1]:.2f}x | "
             f"{timing['assistant FP32'][32] / timing['student SAMP'][32]:.2f}x |\n")
-        saved_samp.write_text(f"Measured by `{command.strip()}` on {machine()}, "
-                              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n\n" + speed_text)
-        speed_text = saved_samp.read_text()
+        speed_text = (f"Measured by `{command.strip()}` on {machine()}, "
+                      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n\n" + speed_text)
+        saved_samp.write_text(speed_text)
 
     minutes = (time.perf_counter() - started) / 60
     text = (

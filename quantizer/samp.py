@@ -204,7 +204,7 @@ class Samp:
         """Delete a plan that is measured once (a unit's sensitivity): kept, one full-size ONNX file per
         unit would fill the disk (49 x 214 MB for a 12-layer model with a 250k-word table)."""
         path = self._built.pop((mode, int8), None)
-        if path is not None and path != self.info.path:
+        if path is not None:
             path.unlink(missing_ok=True)
 
     def metric(self, path: Path, split: str = "dev") -> tuple[float, float | None]:
