@@ -2,6 +2,7 @@
 
     python bench/crosslingual.py                        # the method at full budget, writes docs/benchmarks.md
     python bench/crosslingual.py --scale 0.34 --variants all --languages de fr es ru zh_CN ja
+    python bench/crosslingual.py ear [--help]           # the other method, EAR zero-shot transfer (crosslingual_ear.py)
 
 The data are `sampserve data gettext-parallel`'s splits (built on first use); the assistant is
 multilingual-e5-small, the English teacher all-MiniLM-L6-v2 (track "minilm") or the assistant itself
@@ -307,4 +308,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["ear"]:
+        from bench.crosslingual_ear import main as ear_main
+
+        ear_main(sys.argv[2:])
+    else:
+        main()

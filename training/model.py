@@ -36,12 +36,18 @@ class Model(nn.Module):
         past: list[LayerCache] | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        attention_layer: int | None = None,
     ) -> StackOutput:
         """Token ids (B, T) -> encoder states (B, T, H). ``past`` continues a causal encoder;
-        ``position_ids`` (RoPE stacks) default to counting the attended tokens of each row."""
+        ``position_ids`` (RoPE stacks) default to counting the attended tokens of each row. The output
+        also holds the embedding layer's output and, with ``attention_layer``, that layer's attention
+        probabilities: objectives on inner states (EAR's push and pull) need no second pass."""
         past_length = past[0][0].shape[2] if past else 0
         x = self.embedding(input_ids, token_type_ids, position_offset=past_length)
-        return self.encoder(x, attention_mask, past=past, use_cache=use_cache, position_ids=position_ids)
+        out = self.encoder(x, attention_mask, past=past, use_cache=use_cache, position_ids=position_ids,
+                           attention_layer=attention_layer)
+        out.embedded = x
+        return out
 
     def decode(
         self,

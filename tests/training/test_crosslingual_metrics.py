@@ -153,3 +153,20 @@ def test_crosslingual_eval_command(tiny_checkpoint, tmp_path, capsys):
     assert 0.0 <= out["mean"]["acc@1"] <= 1.0 and "sts_proxy" in out["mean"]
     # both languages hold the same texts and the teacher is the student: one entry for en, one for x
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one() -> None:
+    from training.crosslingual.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = {lang: (rng.random((3, 400)) < 0.6).astype(int) for lang in ("de", "fr")}
+    better = {lang: np.where(rng.random((3, 400)) < 0.15, 1, hits) for lang, hits in base.items()}
+    diff, low, high = paired_bootstrap(better, base)
+    assert low > 0 and low <= diff <= high
+    same, low, high = paired_bootstrap(base, base)
+    assert same == 0 and low == 0 and high == 0
+    noise = {lang: rng.permuted(hits, axis=1) for lang, hits in base.items()}
+    _, low, high = paired_bootstrap(noise, base)
+    assert low < 0 < high
+    with pytest.raises(ValueError):
+        paired_bootstrap({"de": base["de"]}, base)

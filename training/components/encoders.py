@@ -28,6 +28,8 @@ from training.config import ModelConfig, StackConfig
 class StackOutput:
     hidden: torch.Tensor  # (B, T, hidden)
     cache: list[LayerCache] | None = None
+    embedded: torch.Tensor | None = None  # (B, T, hidden): the embedding layer's output (Model.encode sets it)
+    attention: torch.Tensor | None = None  # (B, heads, T, T): layer ``attention_layer``'s probabilities
 
 
 class TransformerStack(nn.Module):
@@ -62,12 +64,17 @@ class TransformerStack(nn.Module):
         position_ids: torch.Tensor | None = None,
         from_layer: int = 0,
         layer_inputs: list[torch.Tensor] | None = None,
+        attention_layer: int | None = None,
     ) -> StackOutput:
         """x: (B, Tq, H). attention_mask: (B, past+Tq) of 1/0 over the keys this stack attends to.
         position_ids (B, Tq) matter only for RoPE; by default they count the attended tokens, so a
         left-padded row starts at position 0 exactly as it would alone. ``from_layer`` resumes with
         ``x`` as that layer's input and ``layer_inputs`` collects each layer's input: a sensitivity
-        pass that changes layer k reuses the unchanged layers below it."""
+        pass that changes layer k reuses the unchanged layers below it. ``attention_layer`` (0-based)
+        returns that layer's self-attention probabilities from this same pass."""
+        if attention_layer is not None and not from_layer <= attention_layer < self.num_layers:
+            raise ValueError(f"attention_layer {attention_layer} is not one of layers "
+                             f"{from_layer}..{self.num_layers - 1}")
         batch, query_length, _ = x.shape
         past_length = past[0][0].shape[2] if past else 0
         key_length = past_length + query_length
@@ -89,17 +96,19 @@ class TransformerStack(nn.Module):
                 raise ValueError("cross-attention needs the encoder's attention mask")
             cross_bias = padding_bias(memory_mask, x.dtype)
         new_cache: list[LayerCache] = []
+        kept: list[torch.Tensor] = []
         for i in range(from_layer, self.num_layers):
             if layer_inputs is not None:
                 layer_inputs.append(x)
             x, layer_cache = self.layer(i)(
-                x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias, rotary=rotary
+                x, bias, past[i] if past else None, memory=memory, cross_bias=cross_bias, rotary=rotary,
+                keep_attention=kept if i == attention_layer else None,
             )
             if use_cache:
                 new_cache.append(layer_cache)
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x))
-        return StackOutput(hidden=x, cache=new_cache if use_cache else None)
+        return StackOutput(hidden=x, cache=new_cache if use_cache else None, attention=kept[0] if kept else None)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {"transformer": TransformerStack}

@@ -95,8 +95,10 @@ class MultiHeadAttention(nn.Module):
         bias: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         rotary: Rotary | None = None,
+        keep_probs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``bias`` is additive, broadcastable to (B, heads, Tq, Tk); ``kv`` are projected heads."""
+        """``bias`` is additive, broadcastable to (B, heads, Tq, Tk); ``kv`` are projected heads.
+        ``keep_probs`` receives the attention probabilities (B, h, Tq, Tk), before dropout."""
         batch, length, _ = x.shape
         q = self._heads(self.query(x), self.num_heads)  # (B, h, Tq, d)
         if rotary is not None:
@@ -113,8 +115,10 @@ class MultiHeadAttention(nn.Module):
             else:  # per-head bias (B|1, h, Tq, Tk) -> (B|1, kv, g, Tq, Tk)
                 bias = bias.view(bias.shape[0], self.num_kv_heads, groups, *bias.shape[-2:])
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias  # (B, h, Tq, Tk)
-        probs = self.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype))
-        context = torch.matmul(probs, v)  # (B, h, Tq, d) [or (B, kv, g, Tq, d)]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if keep_probs is not None:
+            keep_probs.append(probs.reshape(batch, self.num_heads, length, -1))
+        context = torch.matmul(self.dropout(probs), v)  # (B, h, Tq, d) [or (B, kv, g, Tq, d)]
         context = context.reshape(batch, self.num_heads, length, self.head_dim)
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.output(context)
@@ -164,7 +168,9 @@ class TransformerLayer(nn.Module):
         memory: torch.Tensor | None = None,
         cross_bias: torch.Tensor | None = None,
         rotary: Rotary | None = None,
+        keep_attention: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, LayerCache]:
+        """``keep_attention`` receives this layer's self-attention probabilities (B, h, Tq, Tk)."""
         cache: dict[str, torch.Tensor | None] = {}
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
@@ -172,7 +178,7 @@ class TransformerLayer(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             cache["k"], cache["v"] = k, v
-            return self.self_attention(h, self_bias, (k, v), rotary)
+            return self.self_attention(h, self_bias, (k, v), rotary, keep_attention)
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
             if past is not None and past[2] is not None:

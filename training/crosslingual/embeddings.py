@@ -35,12 +35,28 @@ def sentence_vectors(model: Model, input_ids: torch.Tensor, attention_mask: torc
 
     The distillation losses compare un-normalized pooled vectors ("pooled", "embedding"), as the multi-stage
     distillation code does; retrieval uses the served ones."""
-    if output == "served":
-        return model(input_ids, attention_mask, token_type_ids)
+    return several_vectors(model, input_ids, attention_mask, token_type_ids, (output,))[output]
+
+
+def several_vectors(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None, outputs: tuple[Output, ...]) -> dict[str, torch.Tensor]:
+    """Each of ``outputs`` for the same batch, from one encoder pass (a classifier's logits are its "served"
+    output, so its evaluation gets logits and pooled states together)."""
     pool = POOLING[model.config.target.pooling]
-    if output == "embedding":
-        return pool(model.embedding(input_ids, token_type_ids), attention_mask)
-    return pool(model.encode(input_ids, attention_mask, token_type_ids).hidden, attention_mask)
+    hidden = None
+    vectors: dict[str, torch.Tensor] = {}
+    for output in outputs:
+        if output == "embedding":
+            vectors[output] = pool(model.embedding(input_ids, token_type_ids), attention_mask)
+            continue
+        if hidden is None:
+            hidden = model.encode(input_ids, attention_mask, token_type_ids).hidden
+        if output == "served" and model.decoder is not None:
+            vectors[output] = model(input_ids, attention_mask, token_type_ids)
+        else:
+            served = output == "served"
+            vectors[output] = model.target(hidden, attention_mask) if served else pool(hidden, attention_mask)
+    return vectors
 
 
 def _checkpoint(checkpoint: Checkpoint | Path | str) -> Checkpoint:
@@ -54,6 +70,13 @@ def encode(checkpoint: Checkpoint | Path | str, texts: list[str], batch_size: in
 
     Texts are tokenized once (truncated to ``max_length``, capped by the head's max_length), sorted by
     token count and run in batches padded to their longest, under ``torch.inference_mode``."""
+    return encode_several(checkpoint, texts, (output,), batch_size, max_length, prefix, progress)[output]
+
+
+def encode_several(checkpoint: Checkpoint | Path | str, texts: list[str], outputs: tuple[Output, ...],
+                   batch_size: int = 64, max_length: int = 64, prefix: str = "",
+                   progress: bool = False) -> dict[str, np.ndarray]:
+    """:func:`encode` for several outputs at once, from one pass over the texts."""
     ck = _checkpoint(checkpoint)
     limit = min(max_length, ck.head.max_length)
     tokenizer = Tokenizer.from_str(ck.tokenizer.to_str())
@@ -63,12 +86,13 @@ def encode(checkpoint: Checkpoint | Path | str, texts: list[str], batch_size: in
     order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
     pad = ck.config.pad_token_id
     device = next(ck.model.parameters()).device
-    out: np.ndarray | None = None
+    out: dict[str, np.ndarray] = {}
     batches = range(0, len(order), batch_size)
     if progress:
         from rich.progress import track
 
         batches = track(batches, description=f"encoding {len(texts)} texts", transient=True)
+    was_training = ck.model.training
     ck.model.eval()
     with torch.inference_mode():
         for start in batches:
@@ -82,13 +106,15 @@ def encode(checkpoint: Checkpoint | Path | str, texts: list[str], batch_size: in
                 ids[r, :len(e.ids)] = torch.tensor(e.ids)
                 mask[r, :len(e.ids)] = 1
                 types[r, :len(e.ids)] = torch.tensor(e.type_ids)
-            vectors = sentence_vectors(ck.model, ids.to(device), mask.to(device), types.to(device),
-                                       output).float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            out[rows] = vectors
-    if out is None:  # no texts: the width comes from the config
-        out = np.empty((0, ck.config.hidden_size), dtype=np.float32)
+            found = several_vectors(ck.model, ids.to(device), mask.to(device), types.to(device), outputs)
+            for name, tensor in found.items():
+                vectors = tensor.float().cpu().numpy()
+                if name not in out:
+                    out[name] = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+                out[name][rows] = vectors
+    ck.model.train(was_training)
+    for name in outputs:  # no texts: the width comes from the config
+        out.setdefault(name, np.empty((0, ck.config.hidden_size), dtype=np.float32))
     return out
 
 

@@ -111,3 +111,26 @@ def report(per_language: dict[str, tuple[np.ndarray, np.ndarray]],
         if values:
             mean[key] = float(np.mean(values))
     return {"languages": languages, "mean": mean}
+
+
+def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Method a minus method b in mean accuracy over languages, with a 95% paired bootstrap interval.
+
+    ``a[lang]`` and ``b[lang]`` are (runs, N) 0/1 hit arrays over the same N test examples (one row per
+    seed); each example's hit rate is averaged over runs, examples are resampled with replacement within
+    each language (the same draws for both methods: paired), and the statistic is the unweighted mean over
+    languages. Returns (observed difference, 2.5th percentile, 97.5th percentile)."""
+    if set(a) != set(b) or not a:
+        raise ValueError(f"languages differ: {sorted(a)} against {sorted(b)}")
+    rng = np.random.default_rng(seed)
+    differences = {lang: np.asarray(a[lang], float).reshape(-1, np.shape(a[lang])[-1]).mean(0)
+                   - np.asarray(b[lang], float).reshape(-1, np.shape(b[lang])[-1]).mean(0) for lang in sorted(a)}
+    observed = float(np.mean([d.mean() for d in differences.values()]))
+    draws = np.zeros(resamples)
+    for d in differences.values():
+        index = rng.integers(0, len(d), size=(resamples, len(d)))
+        draws += d[index].mean(axis=1)
+    draws /= len(differences)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return observed, float(low), float(high)
