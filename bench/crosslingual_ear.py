@@ -31,7 +31,7 @@ from bench.docs import machine, write_section  # noqa: E402
 from training.crosslingual.distill import ensure_checkpoint  # noqa: E402
 from training.crosslingual.ear import EarSettings, start_alignment, test_languages, train_ear  # noqa: E402
 from training.crosslingual.metrics import paired_bootstrap  # noqa: E402
-from training.crosslingual.transfer_data import build_transfer_data, load_manifest  # noqa: E402
+from training.crosslingual.transfer_data import ensure_transfer_data, load_manifest  # noqa: E402
 
 MARKS = ("<!-- bench/crosslingual.py ear begin -->", "<!-- bench/crosslingual.py ear end -->")
 STARTS: dict[str, dict[str, Any]] = {"e5": {}, "e5-reinit6": {"reinit_from": 6}}
@@ -183,8 +183,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     args.argv = argv
-    if load_manifest(args.data) is None:
-        build_transfer_data(args.data)
+    ensure_transfer_data(args.data)
     args.languages = test_languages(args.data, args.languages)
     start_dir = ensure_checkpoint("e5-small", args.out / "models" / "e5-small")
     finished: dict[tuple[str, str, int], dict] = {}

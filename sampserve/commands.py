@@ -484,12 +484,12 @@ def transfer_command(
     accuracy and alignment (translation retrieval, mean cosine) per language, before and after."""
     from training.crosslingual.distill import ensure_checkpoint
     from training.crosslingual.ear import EarSettings, start_alignment, test_languages, train_ear
-    from training.crosslingual.transfer_data import build_transfer_data, load_manifest
+    from training.crosslingual.transfer_data import ensure_transfer_data
 
     data = data or out.parent / "ear-data"
-    if load_manifest(data) is None:
+    if not (data / "train.jsonl").is_file():
         console.print(f"building the transfer data in {data}")
-        build_transfer_data(data)
+    ensure_transfer_data(data)
     start_dir = ensure_checkpoint(start, out.parent / "models" / Path(start).name)
     settings = EarSettings(start=start_dir, data=data, robust_targets=robust_targets, embedding_push=embedding_push,
                            attention_pull=attention_pull, alpha=alpha, beta=beta, layer=layer, reinit_from=reinit_from,

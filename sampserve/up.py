@@ -167,12 +167,10 @@ def build_transfer(workdir: Path, repo: Path, rebuild: bool, console: Console) -
     from training.checkpoint import load_checkpoint
     from training.crosslingual.distill import ensure_checkpoint
     from training.crosslingual.ear import train_ear
-    from training.crosslingual.transfer_data import build_transfer_data, load_manifest, read_jsonl
+    from training.crosslingual.transfer_data import ensure_transfer_data, read_jsonl
 
-    data = workdir / "ear-data"
-    if load_manifest(data) is None:
-        with console.status("reading Debian's gettext catalogs and WordNet"):
-            build_transfer_data(data)
+    with console.status("reading Debian's gettext catalogs and WordNet"):
+        data = ensure_transfer_data(workdir / "ear-data")
     settings = transfer_settings(ensure_checkpoint("e5-small", workdir / "e5-small"), data)
     console.print("EAR: fine-tuning multilingual-e5-small on English topic messages (about 10 minutes on 2 cores)")
     metrics = train_ear(settings, workdir / DEFAULT_TRANSFER)

@@ -262,18 +262,19 @@ def train_ear(settings: EarSettings, out: Path, progress: bool = True) -> dict[s
     if (out / METRICS_FILE).is_file():
         return json.loads((out / METRICS_FILE).read_text())
     start = load_checkpoint(settings.start)
+    max_length = min(settings.max_length, start.head.max_length)  # never beyond the positions the encoder has
     labels = sorted({r["label"] for r in read_jsonl(settings.data / "dev.jsonl")})
     torch.manual_seed(settings.seed)
     model = with_target(start.model, "cls", num_labels=len(labels))
     if settings.reinit_from is not None:
         reinitialise_from(model, settings.reinit_from, settings.reinit_seed)
-    head = HeadInfo(task="classification", labels=labels, max_length=settings.max_length,
+    head = HeadInfo(task="classification", labels=labels, max_length=max_length,
                     source=f"EAR {settings.label()} from {start.head.source or settings.start}",
                     text_prefix=start.head.text_prefix)
-    tokenizer = configured(start.tokenizer, settings.max_length, model.config.pad_token_id)
+    tokenizer = configured(start.tokenizer, max_length, model.config.pad_token_id)
     collator = EarCollator(tokenizer, model.config.pad_token_id, labels, start.head.text_prefix, settings.paired)
     train = TrainSettings(batch_size=settings.batch_size, max_steps=settings.steps, lr=settings.lr,
-                          weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0, max_length=settings.max_length,
+                          weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0, max_length=max_length,
                           seed=settings.seed, precision=settings.precision, group_by_length=True, progress=progress)
     trainer = Trainer(model, start.tokenizer, head, collator, train, out, objective=EarObjective(model, settings))
     result = trainer.train(_records(settings.data))
@@ -281,7 +282,7 @@ def train_ear(settings: EarSettings, out: Path, progress: bool = True) -> dict[s
     languages = test_languages(settings.data, settings.languages)
     metrics = {"settings": json.loads(settings.model_dump_json()), "label": settings.label(),
                "steps": result.steps, "seconds": round(result.seconds, 1), "train_loss": result.train_loss,
-               **evaluate_transfer(load_checkpoint(out), settings.data, languages, settings.max_length,
+               **evaluate_transfer(load_checkpoint(out), settings.data, languages, max_length,
                                    bf16=settings.precision == "bf16")}
     if not settings.keep_checkpoint:
         for child in out.iterdir():

@@ -40,8 +40,8 @@ from training.data.gettext_topics import (
     write_jsonl,
 )
 
-__all__ = ["TRANSFER_LANGUAGES", "TransferData", "build_transfer_data", "load_manifest", "read_jsonl", "translations",
-           "write_translations"]
+__all__ = ["TRANSFER_LANGUAGES", "TransferData", "build_transfer_data", "ensure_transfer_data", "load_manifest",
+           "read_jsonl", "translations", "write_translations"]
 
 # The issue's six plus the other large catalogs' languages from different families and scripts.
 TRANSFER_LANGUAGES: tuple[str, ...] = ("de", "fr", "es", "it", "pl", "ru", "tr", "zh_CN", "ja", "ko")
@@ -133,6 +133,13 @@ def write_translations(out: Path, split_name: str, rows: list[dict], settings: T
         write_jsonl(translated, Path(out) / f"{split_name}.{lang}.jsonl")
         counts[lang] = len(translated)
     return counts
+
+
+def ensure_transfer_data(folder: Path) -> Path:
+    """``folder`` when it holds a data set (``train.jsonl``), else the default data set built into it."""
+    if not (Path(folder) / "train.jsonl").is_file():
+        build_transfer_data(folder)
+    return Path(folder)
 
 
 def load_manifest(folder: Path) -> TransferData | None:

@@ -75,7 +75,7 @@ def test_embedding_push_is_a_distance_that_descent_increases() -> None:
     (-0.1 * before).backward()  # the term as the loss adds it: minus alpha times the push
     with torch.no_grad():
         after = embedding_push(embedded - 1.0 * embedded.grad, mask)
-    assert float(after) > float(before)
+    assert float(after) > float(before.detach())
     padded = mask.clone()
     padded[:, 3:] = 0  # padding does not count: changing padded positions leaves the term unchanged
     moved = embedded.detach().clone()
@@ -213,3 +213,29 @@ def test_a_short_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert again == metrics  # finished: read back, not retrained
     before = start_alignment(start, data, list(LANGS))
     assert set(before) == set(LANGS)
+
+
+def test_sampserve_transfer_runs_the_baseline_and_prints_every_language(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = _transfer_data(tmp_path)
+    model, tok = _model()
+    start = tmp_path / "start"
+    save_checkpoint(start, model, HeadInfo(task="matching", max_length=32), tok)
+    done = subprocess.run(
+        [sys.executable, "-m", "sampserve.cli", "transfer", str(tmp_path / "base"), "--start", str(start),
+         "--data", str(data), "--no-robust-targets", "--no-embedding-push", "--no-attention-pull",
+         "--steps", "6", "--batch-size", "16", "--lr", "3e-3"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "baseline: zero-shot transfer" in done.stdout
+    for row in ("en (trained)", "rv", "up", "mean"):
+        assert row in done.stdout
+    metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert metrics["label"] == "baseline" and metrics["steps"] == 6
+    missing = subprocess.run([sys.executable, "-m", "sampserve.cli", "transfer", str(tmp_path / "x"), "--start",
+                              str(tmp_path / "nothing"), "--data", str(data)], capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
