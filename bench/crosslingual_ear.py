@@ -83,7 +83,8 @@ def hits(metrics: list[dict], lang: str) -> np.ndarray:
 
 def report(args: argparse.Namespace, finished: dict[tuple[str, str, int], dict], before: dict[str, dict]) -> str:
     langs = args.languages
-    lines = [f"Command: `python bench/crosslingual.py ear {' '.join(args.argv)}`".rstrip() + "  ",
+    shown = " ".join(a for a in args.argv if a != "--report-only")  # the command that trains what is shown
+    lines = [f"Command: `python bench/crosslingual.py ear {shown}`".rstrip() + "  ",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}. Training under bf16 autocast; "
              f"{args.steps} steps of batch 32 (x and its perturbed copy), lr {args.lr}, max length 64.", ""]
     manifest = load_manifest(args.data)
