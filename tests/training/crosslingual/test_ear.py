@@ -239,3 +239,19 @@ def test_sampserve_transfer_runs_the_baseline_and_prints_every_language(tmp_path
                               str(tmp_path / "nothing"), "--data", str(data)], capture_output=True, text=True,
                              timeout=120, check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_translations_come_from_the_messages_own_topic_and_differ_from_the_english(tmp_path: Path) -> None:
+    from tests.training.test_gettext_topics import _write_mo
+    from training.crosslingual.transfer_data import translations
+
+    message = "could not lock the reference file for %s"
+    _write_mo(tmp_path / "de/LC_MESSAGES/git.mo", {message: "Konnte die Referenzdatei für %s nicht sperren",
+                                                   "untranslated message stays in english": ""})
+    _write_mo(tmp_path / "fr/LC_MESSAGES/coreutils.mo", {message: "mauvais sujet: autre programme"})
+    _write_mo(tmp_path / "fr/LC_MESSAGES/git.mo", {message: message})  # a copy of the English is no translation
+    _write_mo(tmp_path / "zh_Hans/LC_MESSAGES/git.mo", {message: "无法锁定  %s 的引用文件"})
+    found = translations({message: "version_control", "untranslated message stays in english": "version_control"},
+                         ["de", "fr", "zh_CN"], locale_root=tmp_path)
+    assert found == {"de": {message: "Konnte die Referenzdatei für %s nicht sperren"}, "fr": {},
+                     "zh_CN": {message: "无法锁定 %s 的引用文件"}}
