@@ -44,6 +44,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "EP+AP": {"robust_targets": False},
     "alpha0.01": {"alpha": 0.01},
     "alpha1": {"alpha": 1.0},
+    "beta0.1": {"beta": 0.1},
+    "beta10": {"beta": 10.0},
     "layer2": {"layer": 2},
     "layer11": {"layer": 11},
 }
