@@ -99,7 +99,7 @@ def report(args: argparse.Namespace, finished: dict[tuple[str, str, int], dict],
         runs = {v: [finished[(start, v, s)] for s in args.seeds if (start, v, s) in finished] for v in MAIN}
         if not runs["baseline"]:
             continue
-        lines += [f"#### Start: {start} ({len(runs['baseline'])} / {len(runs['EAR'])} seeds)", "",
+        lines += [f"### Start: {start} ({len(runs['baseline'])} / {len(runs['EAR'])} seeds)", "",
                   "| | English | " + " | ".join(langs) + " | zero-shot mean |",
                   "|---|---|" + "---|" * len(langs) + "---|"]
         for variant, rows in runs.items():
@@ -133,7 +133,7 @@ def report(args: argparse.Namespace, finished: dict[tuple[str, str, int], dict],
     first, seed = args.starts[0], args.seeds[0]
     rows = [(v, finished[(first, v, seed)]) for v in (*MAIN, *ABLATIONS) if (first, v, seed) in finished]
     if len(rows) > 2:
-        lines += [f"#### Ablations and sweep ({first}, seed {seed})", "",
+        lines += [f"### Ablations and sweep ({first}, seed {seed})", "",
                   "| variant | English | zero-shot mean | lowest language | retrieval | final train loss |",
                   "|---|---|---|---|---|---|"]
         for variant, m in rows:
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> None:
     plot(args, finished, picture)
     text += f"\n![per-language accuracy, baseline and EAR]({picture.name})\n"
     print(text)
-    write_section("### Zero-shot cross-lingual transfer (EAR)\n\n" + text, args.docs, MARKS)
+    write_section("## Zero-shot cross-lingual transfer (EAR)\n\n" + text, args.docs, MARKS)
 
 
 if __name__ == "__main__":
