@@ -111,13 +111,19 @@ def report(args: argparse.Namespace, finished: dict[tuple[str, str, int], dict],
         if paired_seeds:
             ear = [finished[(start, "EAR", s)] for s in paired_seeds]
             base = [finished[(start, "baseline", s)] for s in paired_seeds]
-            diff, low, high = paired_bootstrap({lang: hits(ear, lang) for lang in langs},
-                                               {lang: hits(base, lang) for lang in langs})
+            a, b = ({lang: hits(rows, lang) for lang in langs} for rows in (ear, base))
+            diff, low, high = paired_bootstrap(a, b)
+            _, seeds_low, seeds_high = paired_bootstrap(a, b, resample_runs=True)
+            per_seed = [e["accuracy"]["zero_shot_mean"] - r["accuracy"]["zero_shot_mean"] for e, r in zip(ear, base)]
             english = np.mean([r["accuracy"]["en"] for r in ear]) - np.mean([r["accuracy"]["en"] for r in base])
+            verdict = "excludes" if seeds_low > 0 or seeds_high < 0 else "includes"
             lines += ["", f"EAR minus baseline, mean zero-shot accuracy over {len(langs)} languages and "
-                          f"{len(paired_seeds)} paired seeds: **{diff:+.4f}** (95% paired bootstrap {low:+.4f} to "
-                          f"{high:+.4f}; {'excludes' if low > 0 or high < 0 else 'includes'} 0). English: "
-                          f"{english:+.4f}."]
+                          f"{len(paired_seeds)} paired seeds: **{diff:+.4f}**; per seed "
+                          + ", ".join(f"{d:+.4f}" for d in per_seed)
+                          + (f" (sd {np.std(per_seed, ddof=1):.4f})" if len(per_seed) > 1 else "")
+                          + f". 95% paired bootstrap over the test messages with the seeds fixed: {low:+.4f} to "
+                          f"{high:+.4f}; over seeds and messages: **{seeds_low:+.4f} to {seeds_high:+.4f}** "
+                          f"({verdict} 0). English: {english:+.4f}."]
         lines += ["", "Alignment (first 1,000 test pairs per language, mean over languages): translation retrieval "
                       "acc@1 / mean cosine of mean-pooled final states.", "",
                   "| | retrieval | cosine |", "|---|---|---|"]

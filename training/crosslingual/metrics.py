@@ -114,23 +114,31 @@ def report(per_language: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
+                     seed: int = 0, resample_runs: bool = False) -> tuple[float, float, float]:
     """Method a minus method b in mean accuracy over languages, with a 95% paired bootstrap interval.
 
-    ``a[lang]`` and ``b[lang]`` are (runs, N) 0/1 hit arrays over the same N test examples (one row per
-    seed); each example's hit rate is averaged over runs, examples are resampled with replacement within
-    each language (the same draws for both methods: paired), and the statistic is the unweighted mean over
-    languages. Returns (observed difference, 2.5th percentile, 97.5th percentile)."""
+    ``a[lang]`` and ``b[lang]`` are (runs, N) 0/1 hit arrays over the same N test examples, row r of both
+    from the same seed. Each resample draws examples with replacement within each language (the same draws
+    for both methods: paired) and averages each example's hit rate over the runs; with ``resample_runs``
+    it first draws the runs too (seed pairs, with replacement), so the interval also holds the
+    seed-to-seed spread, not only the test sampling. The statistic is the unweighted mean over languages.
+    Returns (observed difference, 2.5th percentile, 97.5th percentile)."""
     if set(a) != set(b) or not a:
         raise ValueError(f"languages differ: {sorted(a)} against {sorted(b)}")
     rng = np.random.default_rng(seed)
-    differences = {lang: np.asarray(a[lang], float).reshape(-1, np.shape(a[lang])[-1]).mean(0)
-                   - np.asarray(b[lang], float).reshape(-1, np.shape(b[lang])[-1]).mean(0) for lang in sorted(a)}
-    observed = float(np.mean([d.mean() for d in differences.values()]))
+    per_run = {lang: np.atleast_2d(np.asarray(a[lang], float)) - np.atleast_2d(np.asarray(b[lang], float))
+               for lang in sorted(a)}  # (runs, N) differences of hits
+    observed = float(np.mean([d.mean() for d in per_run.values()]))
+    runs = next(iter(per_run.values())).shape[0]
     draws = np.zeros(resamples)
-    for d in differences.values():
-        index = rng.integers(0, len(d), size=(resamples, len(d)))
-        draws += d[index].mean(axis=1)
-    draws /= len(differences)
+    for d in per_run.values():
+        if resample_runs:
+            chosen = rng.integers(0, runs, size=(resamples, runs))
+            rates = d[chosen].mean(axis=1)  # (resamples, N): each resample's seed-averaged differences
+        else:
+            rates = np.broadcast_to(d.mean(axis=0), (resamples, d.shape[1]))
+        index = rng.integers(0, d.shape[1], size=(resamples, d.shape[1]))
+        draws += np.take_along_axis(rates, index, axis=1).mean(axis=1)
+    draws /= len(per_run)
     low, high = np.percentile(draws, [2.5, 97.5])
     return observed, float(low), float(high)
