@@ -166,7 +166,7 @@ def plot(args: argparse.Namespace, finished: dict, path: Path) -> None:
                 continue
             values = np.array([[r["accuracy"][lang] for lang in langs] for r in rows])
             ax.bar(np.arange(len(langs)) + (k - 0.5) * 0.4, values.mean(0), 0.4,
-                   yerr=values.std(0) if len(rows) > 1 else None, label=f"{variant} ({len(rows)} seeds)")
+                   yerr=values.std(0, ddof=1) if len(rows) > 1 else None, label=f"{variant} ({len(rows)} seeds)")
         ax.set_xticks(np.arange(len(langs)), langs, rotation=45)
         ax.set_ylim(0, 1)
         ax.set_title(f"start: {start}")
