@@ -24,6 +24,7 @@ from training.crosslingual.transfer_data import TransferData, build_transfer_dat
 
 LAYERS = 4
 GERMAN_MESSAGES = 200
+CHUNK = 100
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,16 @@ def test_the_served_classifier_answers_german_with_the_right_topic(transfer_repo
     texts, gold = [r["text"] for r in german], [r["label"] for r in german]
     server = start_server(repo)
     try:
-        rest = server.http.post("/v1/classify", json={"model": "xl-topics", "texts": texts, "truncate": True})
-        assert rest.status_code == 200, rest.text
-        rest = rest.json()["results"]
-        labels = [r["label"] for r in rest]
+        labels: list[str] = []
         with grpc.insecure_channel(server.grpc_target) as channel:
-            answer = tasks_grpc.TasksStub(channel).Classify(tasks_pb.ClassifyRequest(model="xl-topics", texts=texts,
-                                                                                           truncate=True))
-        assert [r.top_k[0].label for r in answer.results] == labels
+            for chunk in (texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)):  # a request's limit is 128
+                rest = server.http.post("/v1/classify", json={"model": "xl-topics", "texts": chunk, "truncate": True})
+                assert rest.status_code == 200, rest.text
+                chunk_labels = [r["label"] for r in rest.json()["results"]]
+                answer = tasks_grpc.TasksStub(channel).Classify(
+                    tasks_pb.ClassifyRequest(model="xl-topics", texts=chunk, truncate=True))
+                assert [r.top_k[0].label for r in answer.results] == chunk_labels
+                labels += chunk_labels
     finally:
         assert server.stop() == 0
     served = sum(a == b for a, b in zip(labels, gold)) / len(gold)
