@@ -12,7 +12,7 @@
    on Debian's gettext translations (``training.crosslingual``; about an hour on 2 cores), quantize it with
    SAMP under 1 point of translation retrieval accuracy and publish it as ``<repo>/xl-e5-student``; and
    fine-tune multilingual-e5-small into a topic classifier on English messages only with EAR (Embedding-Push,
-   Attention-Pull, Robust targets; about 10 minutes), quantize it under 1 point of accuracy on English and
+   Attention-Pull, Robust targets; about 20 minutes with SAMP), quantize it under 1 point of accuracy on English and
    translated dev messages and publish it as ``<repo>/xl-topics``: it answers German, French, Russian, ...;
 7. serve the repository with the server's own entry (``service.server.run``), until SIGTERM/Ctrl-C.
 
@@ -172,7 +172,7 @@ def build_transfer(workdir: Path, repo: Path, rebuild: bool, console: Console) -
     with console.status("reading Debian's gettext catalogs and WordNet"):
         data = ensure_transfer_data(workdir / "ear-data")
     settings = transfer_settings(ensure_checkpoint("e5-small", workdir / "e5-small"), data)
-    console.print("EAR: fine-tuning multilingual-e5-small on English topic messages (about 10 minutes on 2 cores)")
+    console.print("EAR: fine-tuning multilingual-e5-small on English topic messages (about 6 minutes on 2 cores; SAMP then about 15)")
     metrics = train_ear(settings, workdir / DEFAULT_TRANSFER)
     accuracy = metrics["accuracy"]
     console.print(f"English test accuracy {accuracy['en']:.3f}; zero-shot mean over {len(accuracy) - 3} languages "
