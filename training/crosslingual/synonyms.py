@@ -63,9 +63,9 @@ def wordnet_dir() -> Path:
         debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
         if fetched.returncode or not debs:
             raise FileNotFoundError(f"could not fetch {PACKAGE} with apt-get download: {fetched.stderr.strip()}")
-        staging = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
         root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root.parent))  # beside its final place: the rename stays atomic
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
         if not (root / "usr/share/wordnet/data.noun").is_file():
             shutil.rmtree(root, ignore_errors=True)
             staging.rename(root)  # atomic: a concurrent reader sees all of it or none
