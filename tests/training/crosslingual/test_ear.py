@@ -93,7 +93,7 @@ def test_attention_pull_is_a_distance_that_descent_reduces() -> None:
     before.backward()
     with torch.no_grad():
         after = attention_pull(torch.softmax(logits - 50.0 * logits.grad, -1), mask)
-    assert float(after) < float(before)
+    assert float(after) < float(before.detach())
     # The gradient reaches both views (no stop-gradient), and positions padded in either view do not count.
     assert float(logits.grad[:2].abs().sum()) > 0 and float(logits.grad[2:].abs().sum()) > 0
     padded = mask.clone()
