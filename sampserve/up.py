@@ -172,7 +172,8 @@ def build_transfer(workdir: Path, repo: Path, rebuild: bool, console: Console) -
     with console.status("reading Debian's gettext catalogs and WordNet"):
         data = ensure_transfer_data(workdir / "ear-data")
     settings = transfer_settings(ensure_checkpoint("e5-small", workdir / "e5-small"), data)
-    console.print("EAR: fine-tuning multilingual-e5-small on English topic messages (about 6 minutes on 2 cores; SAMP then about 15)")
+    console.print("EAR: fine-tuning multilingual-e5-small on English topic messages "
+                  "(about 6 minutes on 2 cores; SAMP then about 15)")
     metrics = train_ear(settings, workdir / DEFAULT_TRANSFER)
     accuracy = metrics["accuracy"]
     console.print(f"English test accuracy {accuracy['en']:.3f}; zero-shot mean over {len(accuracy) - 3} languages "
