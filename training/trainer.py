@@ -18,7 +18,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -35,6 +35,7 @@ from training.data.tasks import Collator, to_device
 from training.model import Model
 
 STATE_DIR = "trainer_state"
+HISTORY_FILE = "history.jsonl"
 
 
 class TrainSettings(BaseModel):
@@ -78,6 +79,7 @@ class TrainResult:
     dev_metrics: dict[str, float]
     seconds: float
     rank_divergence: float = 0.0
+    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -235,6 +237,7 @@ class Trainer:
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.objective = objective
+        self.history: list[dict] = []  # one row per optimizer step; written beside each checkpoint
         forward = objective.module.to(self.device) if objective is not None else model
         self.wrapped: torch.nn.Module = (
             DistributedDataParallel(forward, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -279,28 +282,33 @@ class Trainer:
         stop = min(total, s.stop_at_step or total)
         lengths = [int(r["length"]) for r in records] if s.group_by_length else None
         start, seen, last_loss = time.perf_counter(), 0, float("nan")
+        self.history = read_history(self.out_dir, until=step) if step else []
         (self.objective.module if self.objective is not None else self.model).train()
         with self._progress(total) as progress:
             task = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate=0.0)
             while step < stop:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 batch_ids = global_batches(len(records), s.batch_size, s.seed, epoch, lengths)[in_epoch]
-                last_loss = self._step(records, batch_ids, epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                last_loss, metrics = self._step(records, batch_ids, epoch)
                 scheduler.step()
                 step += 1
+                self.history.append({"step": step, "lr": lr, "loss": last_loss, **metrics})
                 seen += s.batch_size
                 rate = seen / (time.perf_counter() - start)
                 progress.update(task, advance=1, loss=last_loss, rate=rate)
                 if s.eval_every and step % s.eval_every == 0 and dev_records:
-                    metrics = self.evaluate(dev_records)
-                    progress.console.print(f"step {step}: dev {metrics}")
+                    dev = self.evaluate(dev_records)
+                    self.history[-1].update({f"dev_{key}": value for key, value in dev.items()})
+                    progress.console.print(f"step {step}: dev {dev}")
                 if s.save_every and step % s.save_every == 0 and step < stop:
                     self.save(step)
         dev_metrics = self.evaluate(dev_records) if dev_records else {}
         divergence = self.rank_divergence()
         self.save(step, {"rank_divergence": divergence, "train_loss": last_loss, "dev": dev_metrics})
         return TrainResult(steps=step, train_loss=last_loss, dev_metrics=dev_metrics,
-                           seconds=time.perf_counter() - start, rank_divergence=divergence)
+                           seconds=time.perf_counter() - start, rank_divergence=divergence,
+                           history=list(self.history))
 
     def rank_divergence(self) -> float:
         """Largest difference between any rank's parameters and rank 0's (0.0 when DDP is in sync)."""
@@ -314,19 +322,23 @@ class Trainer:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         return float(worst)
 
-    def _step(self, records: list[dict], batch_ids: list[int], epoch: int) -> float:
+    def _step(self, records: list[dict], batch_ids: list[int], epoch: int) -> tuple[float, dict[str, float]]:
+        """One optimizer step: the loss averaged over ranks, and this rank's metrics (for the history)."""
         s = self.settings
         micro_batches = shard(batch_ids, s.grad_accum, self.env)
         total_loss = 0.0
+        metrics: dict[str, float] = {}
         for i, ids in enumerate(micro_batches):
             batch = to_device(self.collator([records[j] for j in ids], ids, epoch), self.device)
             sync = i == len(micro_batches) - 1
             context = self.wrapped.no_sync() if (self.env.world_size > 1 and not sync) else _nullcontext()
             with context:
-                loss, _ = self._loss(batch)
+                loss, micro_metrics = self._loss(batch)
                 scaled = loss / s.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total_loss += float(loss.detach()) / s.grad_accum
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value) / len(micro_batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s.max_grad_norm)
@@ -340,7 +352,7 @@ class Trainer:
             value = torch.tensor([total_loss], device=self.device)
             dist.all_reduce(value)
             total_loss = float(value) / self.env.world_size
-        return total_loss
+        return total_loss, metrics
 
     @torch.no_grad()
     def evaluate(self, records: list[dict], batch_size: int = 64) -> dict[str, float]:
@@ -370,6 +382,7 @@ class Trainer:
         """Rank 0 writes the checkpoint the quantizer reads, plus optimizer state for resume."""
         if self.env.is_main:
             save_checkpoint(self.out_dir, self.model, self.head, self.tokenizer)
+            write_history(self.out_dir, self.history)
             _save_optimizer(self.out_dir / STATE_DIR, self.optimizer,
                             {"step": step, "world_size": self.env.world_size,
                              "settings": self.settings.model_dump(), **(summary or {})})
@@ -386,6 +399,24 @@ class Trainer:
             TimeRemainingColumn(),
             disable=not (self.settings.progress and self.env.is_main),
         )
+
+
+def write_history(out_dir: Path, rows: list[dict]) -> None:
+    """One JSON line per optimizer step (lr, loss, the objective's metrics, dev_* where evaluated), written
+    whole through a temporary file so a reader never sees half a run."""
+    path = Path(out_dir) / HISTORY_FILE
+    staged = path.with_suffix(".jsonl.tmp")
+    staged.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(staged, path)
+
+
+def read_history(out_dir: Path, until: int | None = None) -> list[dict]:
+    """The per-step rows a run wrote (up to step ``until``: what a resumed run keeps); [] when none."""
+    path = Path(out_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if until is None or row["step"] <= until]
 
 
 class _nullcontext:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from training.checkpoint import load_checkpoint
 from training.jobs import TrainJob, run_training
-from training.trainer import Distributed, TrainSettings, global_batches, resolve_precision, shard
+from training.trainer import (Distributed, TrainSettings, global_batches, read_history, resolve_precision,
+                              shard)
 
 from .conftest import shrink
 
@@ -69,6 +70,11 @@ def test_resume_continues_exactly(tmp_path, topics_data):
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # The per-step history survives the stop: one row per step, the same losses as the straight run.
+    rows, resumed_rows = read_history(tmp_path / "straight"), read_history(tmp_path / "resumed")
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+    assert all(r["lr"] > 0 and "accuracy" in r for r in rows)  # the schedule's lr and the target's metrics
 
 
 def test_classification_checkpoint_has_labels_and_tokenizer(tmp_path, topics_data):

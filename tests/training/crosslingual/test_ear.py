@@ -119,7 +119,7 @@ def test_objective_adds_the_switched_on_terms(parts: tuple[bool, bool, bool]) ->
     loss, metrics = objective.loss(objective.module(**objective.inputs(batch)), batch)
     expected = (metrics["ce"] + metrics.get("ce_perturbed", 0) - 0.3 * metrics.get("push", 0)
                 + 2.0 * metrics.get("pull", 0))
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     assert ("ce_perturbed" in metrics) == robust and ("push" in metrics) == push and ("pull" in metrics) == pull
     assert settings.label() == ("baseline" if not any(parts) else "+".join(
         n for n, on in zip(("RT", "EP", "AP"), parts) if on))
@@ -204,6 +204,10 @@ def test_a_short_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     metrics = train_ear(settings, tmp_path / "run", progress=False)
     assert metrics["label"] == "RT+EP+AP" and metrics["steps"] == 40
     assert metrics["accuracy"]["en"] > 0.7  # it learned the English task
+    history = metrics["history"]  # the training curves: every term, every step
+    assert [row["step"] for row in history] == list(range(1, 41))
+    assert {"ce", "ce_perturbed", "push", "pull"} <= set(history[0])
+    assert sum(r["ce"] for r in history[-5:]) < sum(r["ce"] for r in history[:5])
     assert set(metrics["hits"]) == {"en", *LANGS} and len(metrics["hits"]["rv"]) == 48
     assert set(metrics["alignment"]) == set(LANGS) and 0 <= metrics["alignment"]["rv"]["retrieval"] <= 1
     served = load_checkpoint(tmp_path / "run")
@@ -235,6 +239,7 @@ def test_sampserve_transfer_runs_the_baseline_and_prints_every_language(tmp_path
         assert row in done.stdout
     metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
     assert metrics["label"] == "baseline" and metrics["steps"] == 6
+    assert {"ce", "accuracy"} <= set(metrics["history"][0]) and "push" not in metrics["history"][0]
     missing = subprocess.run([sys.executable, "-m", "sampserve.cli", "transfer", str(tmp_path / "x"), "--start",
                               str(tmp_path / "nothing"), "--data", str(data)], capture_output=True, text=True,
                              timeout=120, check=False)
