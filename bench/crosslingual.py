@@ -261,7 +261,8 @@ def main() -> None:
     if not args.no_samp and "full" in reports:
         from rich.console import Console
 
-        from quantizer.samp import Samp, SampSettings
+        from quantizer.samp import Samp
+        from quantizer.schemas import SampSettings
 
         dev = read_pairs(data / "dev.jsonl", langs, 100, sample_seed=0)
         records = [{"text_a": en, "text_b": x} for en, x in zip(dev.en, dev.x, strict=True)]

@@ -177,6 +177,47 @@ def plot(args: argparse.Namespace, finished: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def smooth(values: list[float], window: int = 15) -> np.ndarray:
+    """Trailing moving average: a batch-32 loss is too noisy to read step by step."""
+    series = np.asarray(values, dtype=float)
+    kernel = np.ones(min(window, len(series))) / min(window, len(series))
+    return np.convolve(series, kernel, mode="valid")
+
+
+def plot_curves(args: argparse.Namespace, finished: dict, path: Path) -> bool:
+    """Training curves from the runs that recorded a history: the task loss of baseline and EAR on the
+    original and perturbed copies, the Embedding-Push distance and the Attention-Pull distance per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = args.starts[0]
+    runs = {(v, s): m for (start, v, s), m in finished.items() if start == first and m.get("history")}
+    if not runs:
+        return False
+    panels = [("ce", "task loss on x (CE)"), ("ce_perturbed", "task loss on x' (CE)"),
+              ("push", "Embedding-Push: MSE(E0(x), E0(x'))"), ("pull", "Attention-Pull: MSE(Attn(x'), Attn(x))")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        for (variant, seed), m in sorted(runs.items()):
+            values = [row[key] for row in m["history"] if key in row]
+            if values:
+                line = smooth(values)
+                ax.plot(np.arange(len(line)) + len(values) - len(line) + 1, line, label=f"{variant} s{seed}",
+                        linestyle="-" if variant in MAIN else ":")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if key == "push":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"start {first}: training curves (moving average of 15 steps)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench/crosslingual.py ear", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,6 +258,9 @@ def main(argv: list[str]) -> None:
     picture = args.docs.parent / "crosslingual-ear.png"
     plot(args, finished, picture)
     text += f"\n![per-language accuracy, baseline and EAR]({picture.name})\n"
+    curves = args.docs.parent / "crosslingual-ear-curves.png"
+    if plot_curves(args, finished, curves):
+        text += f"\n![training curves of the runs that recorded them]({curves.name})\n"
     print(text)
     write_section("## Zero-shot cross-lingual transfer (EAR)\n\n" + text, args.docs, MARKS)
 

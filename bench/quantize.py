@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.docs import machine, write_section  # noqa: E402
 from quantizer.report import print_table  # noqa: E402
-from quantizer.samp import Samp, SampReport, SampSettings  # noqa: E402
+from quantizer.samp import Samp  # noqa: E402
+from quantizer.schemas import SampReport, SampSettings  # noqa: E402
+from quantizer.timing import TimingPolicy  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.gettext_topics import load_gettext_topics, split, write_jsonl  # noqa: E402
 from training.data.tasks import read_records  # noqa: E402
@@ -39,6 +41,7 @@ def markdown(title: str, report: SampReport) -> str:
             *[f"b{b} vs torch" for b in batches]]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     eager = report.torch_eager_ms
+    quiet = report.timing is None or report.timing.quiet  # never print a ratio the timing could not support
     rows.append("| PyTorch eager FP32 | - | - | - | - | " + " | ".join(f"{eager[b]:.1f}" for b in batches)
                 + " | " + " | ".join("1.00x" for _ in batches) + " |")
     fp32 = next(c for c in report.candidates if c.name == "fp32")
@@ -49,9 +52,19 @@ def markdown(title: str, report: SampReport) -> str:
             f"| {name} | {len(c.int8)} | {c.quantization_rate:.0%} | {c.dev_metric:.4f} "
             f"({c.dev_metric - fp32.dev_metric:+.4f}) | {test} | "
             + " | ".join(f"{c.latency_ms[b]:.1f}" for b in batches) + " | "
-            + " | ".join(f"{eager[b] / c.latency_ms[b]:.2f}x" for b in batches) + " |"
+            + " | ".join(f"{eager[b] / c.latency_ms[b]:.2f}x" if quiet else "busy" for b in batches) + " |"
         )
-    notes = "\n".join(f"- {n}" for n in [report.verdict, *report.notes])
+    conditions = []
+    if report.timing is not None:
+        t = report.timing
+        load = "" if t.other_cores is None else f", other processes {t.other_cores:.2f} cores"
+        conditions.append(f"timing: {'quiet' if t.quiet else 'BUSY: ' + t.reason} (worst spread {t.worst_spread:.0%}"
+                          f"{load}, {t.attempts} attempts)")
+    if report.provenance is not None:
+        h = report.provenance
+        conditions.append(f"measured on {h.cpu} ({h.int8_class}; flags {' '.join(h.int8_flags)}), onnxruntime "
+                          f"{h.onnxruntime}, {h.threads} threads")
+    notes = "\n".join(f"- {n}" for n in [report.verdict, *conditions, *report.notes])
     return f"### {title}\n\n" + "\n".join(rows) + "\n\n" + notes + "\n"
 
 
@@ -59,12 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-drop", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved timing rounds per batch size.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
-    settings = SampSettings(max_drop=args.max_drop, threads=args.threads, repeats=args.repeats)
+    settings = SampSettings(max_drop=args.max_drop, threads=args.threads, timing=TimingPolicy(rounds=args.rounds))
 
     records = load_gettext_topics(max_per_topic=400, seed=0)
     train, dev, test = split(records, seed=0)
@@ -91,7 +104,7 @@ def main() -> None:
 
     header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
-              f"{args.repeats} runs; {machine()}, torch {torch.__version__}, CPU only). "
+              f"{args.rounds} interleaved rounds of 2 runs; {machine()}, torch {torch.__version__}, CPU only). "
               "Ratios are measured side by side in one run; absolute times move between runs (by about 10% "
               "on the Intel VNNI machine, up to 30% for single plans on the AMD AVX2 one), so compare within a run.\n")
     write_section(header + "\n" + "\n".join(sections), args.out, MARKS)

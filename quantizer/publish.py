@@ -12,7 +12,8 @@ from pathlib import Path
 from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
-from quantizer.samp import Samp, SampResult
+from quantizer.samp import Samp
+from quantizer.schemas import SampResult
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.heads import HEADS
 from service.repository import (
@@ -134,4 +135,6 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     else:
         notes.append(reason)
     metadata = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict, "mode": result.report.mode}
+    if result.report.provenance is not None:  # the server compares it with the host it runs on
+        metadata["provenance"] = result.report.provenance.model_dump()
     return publish(model_dir, files, metadata), notes

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from quantizer.samp import SampReport
+from quantizer.schemas import SampReport
 
 REPORT_JSON = "samp_report.json"
 REPORT_PNG = "samp_report.png"
@@ -69,6 +69,7 @@ def table(report: SampReport) -> Table:
             f"[bold red]{c.name}[/]" if c.name == report.chosen else c.name,
             str(len(c.int8)), f"{c.quantization_rate:.0%}", f"{c.dev_metric:.4f}",
             "-" if c.test_metric is None else f"{c.test_metric:.4f}",
-            *[f"{c.latency_ms[b]:.1f}" for b in batches], f"{c.speedup_vs_torch:.2f}x", f"{c.size_bytes / 1e6:.1f}",
+            *[f"{c.latency_ms[b]:.1f}" for b in batches],
+            "busy" if c.speedup_vs_torch is None else f"{c.speedup_vs_torch:.2f}x", f"{c.size_bytes / 1e6:.1f}",
         )
     return out

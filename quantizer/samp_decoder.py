@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import tempfile
-import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +39,11 @@ from quantizer.decoder_export import OrtDecoder
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_decoder
 from quantizer.quantize import apply_plan
-from quantizer.samp import Candidate, SampReport, SampResult
+from quantizer.schemas import Candidate, SampReport, SampResult
 from quantizer.search import UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
+from quantizer.timing import TORCH, Quietness, TimingPolicy, combine, measure
 from quantizer.units import Unit, find_units, quantization_rate
+from service.provenance import host_info
 from training.checkpoint import Checkpoint
 
 Form = Literal["blockwise", "dynamic"]
@@ -65,7 +67,8 @@ class DecoderSampSettings(BaseModel):
     sensitivity_sequences: int = Field(
         8, ge=1, description="Dev sequences of the per-unit pass (each unit costs a forward over them).")
     threads: int | None = Field(None, ge=1)
-    repeats: int = Field(5, ge=1)
+    timing: TimingPolicy = Field(default_factory=lambda: TimingPolicy(rounds=3, per_round=5, warmup=1),
+                                 description="Decode steps timed interleaved, with the quietness check.")
     latency_batches: tuple[int, ...] = (1, 8)
 
 
@@ -254,43 +257,37 @@ class DecoderSamp:
         return (lower_bound(agree, positions, s.confidence_z) >= s.min_agreement - 1e-12
                 and ppl_increase <= s.max_perplexity_increase + 1e-12)
 
-    def step_latency(self, path: Path, batch: int) -> float:
-        """Median milliseconds of one decode step at ``batch`` rows after a 64-token context."""
-        return self.step_latencies({"plan": path}, batch)["plan"]
-
-    def step_latencies(self, paths: dict[str, Path], batch: int, rounds: int = 3) -> dict[str, float]:
-        """Decode-step medians of several graphs, timed in interleaved rounds so that a burst of
-        other work on the machine lands on all of them alike (docs/design.md, "Timing on a busy
-        machine")."""
-        decoders = {name: self._decoder(path) for name, path in paths.items()}
+    def step_latencies(self, paths: dict[str, Path | None], batch: int) -> tuple[dict[str, float], Quietness]:
+        """Median milliseconds of one decode step at ``batch`` rows after a 64-token context, for several
+        graphs (None: PyTorch eager FP32 through the toolkit's cache), timed interleaved
+        (``quantizer.timing``) so that a burst of other work lands on all of them alike."""
         ids = np.tile(self.dev.ids[:1, :64], (batch, 1))
         mask = np.ones_like(ids)
         step_mask = np.ones((batch, ids.shape[1] + 1), np.int64)
-        caches = {name: d.run(ids, mask, None)[1] for name, d in decoders.items()}
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(rounds):
-            for name, decoder in decoders.items():
-                for i in range(self.settings.repeats + 1):
-                    start = time.perf_counter()
-                    decoder.run(ids[:, -1:], step_mask, caches[name])
-                    if i:  # the first call of a round warms caches
-                        times[name].append((time.perf_counter() - start) * 1000)
-        return {name: float(np.median(t)) for name, t in times.items()}
+        runners: dict[str, Callable[[], object]] = {}
+        for name, path in paths.items():
+            if path is None:
+                runners[name] = self._torch_step(ids)
+                continue
+            decoder = self._decoder(path)
+            cache = decoder.run(ids, mask, None)[1]
+            runners[name] = lambda d=decoder, c=cache: d.run(ids[:, -1:], step_mask, c)
+        timings, quiet = measure(runners, self.settings.timing)
+        return {name: t.median_ms for name, t in timings.items()}, quiet
 
-    def torch_step_latency(self, batch: int) -> float:
-        """The same decode step in PyTorch eager FP32 through the toolkit's cache."""
+    def _torch_step(self, ids: np.ndarray) -> Callable[[], object]:
         model = self.checkpoint.model.eval()
-        ids = torch.from_numpy(np.tile(self.dev.ids[:1, :64], (batch, 1)))
+        prompt = torch.from_numpy(ids)
         with torch.no_grad():
-            out = model.encode(ids, torch.ones_like(ids), use_cache=True)
-            mask = torch.ones(batch, ids.shape[1] + 1, dtype=torch.long)
-            times = []
-            for _ in range(self.settings.repeats + 2):
-                start = time.perf_counter()
-                step = model.encode(ids[:, -1:], mask, past=out.cache, use_cache=True)
-                model.target(step.hidden[:, -1], None)
-                times.append((time.perf_counter() - start) * 1000)
-        return float(np.median(times[2:]))
+            cache = model.encode(prompt, torch.ones_like(prompt), use_cache=True).cache
+        mask = torch.ones(prompt.shape[0], prompt.shape[1] + 1, dtype=torch.long)
+
+        def step() -> object:
+            with torch.no_grad():
+                out = model.encode(prompt[:, -1:], mask, past=cache, use_cache=True)
+                return model.target(out.hidden[:, -1], None)
+
+        return step
 
     def batch_invariant(self, path: Path, steps: int = 16) -> bool:
         """Greedy tokens of each prompt alone equal its tokens inside a mixed, left-padded batch."""
@@ -343,7 +340,7 @@ class DecoderSamp:
             forms = [s.form]
         everything = frozenset(u.name for u in self.units)
         self._step("timing FP32 and all-INT8 decode steps (interleaved rounds)")
-        timed = self.step_latencies({"fp32": self.info.path, **{f: self.build(everything, f) for f in forms}}, 1)
+        timed, _ = self.step_latencies({"fp32": self.info.path, **{f: self.build(everything, f) for f in forms}}, 1)
         fp32_ms = timed.pop("fp32")
         form = min(forms, key=timed.__getitem__)
         notes.append(f"decode step at batch 1: FP32 {fp32_ms:.2f} ms, all-INT8 "
@@ -373,11 +370,15 @@ class DecoderSamp:
 
         plan = plan_from(measurements, largest_fitting_prefix(order, fits) if order else frozenset())
 
-        torch_ms = {b: self.torch_step_latency(b) for b in s.latency_batches}
         named = {"fp32": frozenset(), "all-int8": everything, "samp": plan.int8}
         paths = {name: self.build(chosen, form) for name, chosen in named.items()}
-        self._step("timing the candidates (interleaved rounds)")
-        latency = {b: self.step_latencies(paths, b) for b in s.latency_batches}
+        self._step("timing the candidates and PyTorch eager (interleaved rounds)")
+        latency, quiet = {}, []
+        for b in s.latency_batches:
+            latency[b], condition = self.step_latencies({TORCH: None, **paths}, b)
+            quiet.append(condition)
+        timing = combine(quiet, list(s.latency_batches))
+        torch_ms = {b: latency[b][TORCH] for b in s.latency_batches}
         candidates = []
         for name, chosen in named.items():
             self._step(f"measuring candidate {name}")
@@ -387,7 +388,8 @@ class DecoderSamp:
                 name=name, mode="fp32" if not chosen else form, int8=sorted(chosen),
                 quantization_rate=quantization_rate(self.units, set(chosen)), dev_metric=dev_agree,
                 test_metric=test_agree, latency_ms={b: latency[b][name] for b in s.latency_batches},
-                speedup_vs_torch=torch_ms[1] / latency[1][name], size_bytes=paths[name].stat().st_size,
+                speedup_vs_torch=torch_ms[1] / latency[1][name] if timing.quiet else None,
+                size_bytes=paths[name].stat().st_size,
                 perplexity_increase={"dev": dev_ppl, "test": test_ppl},
                 batch_invariant=self.batch_invariant(paths[name]),
             ))
@@ -401,14 +403,17 @@ class DecoderSamp:
                    f"{chosen_row.test_metric:.4f} test, perplexity {chosen_row.perplexity_increase['test']:+.2%} "
                    f"on test: the budget (agreement >= {s.min_agreement}, perplexity <= "
                    f"{s.max_perplexity_increase:+.0%}) is {'met' if test_ok else 'MISSED'} on held-out test text; "
-                   f"decode step {chosen_row.latency_ms[1]:.2f} ms at batch 1 "
-                   f"({chosen_row.speedup_vs_torch:.2f}x PyTorch eager); batch-invariant: "
+                   f"decode step {chosen_row.latency_ms[1]:.2f} ms at batch 1 ("
+                   + (f"{chosen_row.speedup_vs_torch:.2f}x PyTorch eager" if chosen_row.speedup_vs_torch is not None
+                      else f"no speed ratio: the machine was busy, {timing.reason}")
+                   + "); batch-invariant: "
                    f"{'yes' if chosen_row.batch_invariant else 'NO'}.")
         report = SampReport(
             task="generation", metric="next_token_agreement",
             budget={"min_agreement": s.min_agreement, "max_perplexity_increase": s.max_perplexity_increase},
             units=rows, torch_eager_ms=torch_ms, candidates=candidates, chosen="samp", verdict=verdict,
             export_max_abs_diff=self.info.max_abs_diff, mode=form, notes=notes, kept_fp32=kept,
+            timing=timing, provenance=host_info(s.threads),
         )
         return SampResult(report=report, model_path=self.build(plan.int8, form), workdir=self.workdir)
 

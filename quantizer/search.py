@@ -88,12 +88,13 @@ def frontier(units: list[UnitMeasurement]) -> list[Plan]:
     return [plan_from(units, {u.name for u in order[:k]}) for k in range(len(order) + 1)]
 
 
-def prefer_all_int8(searched_ms: float, all_int8_ms: float, all_int8_fits: bool, same_units: bool) -> bool:
+def prefer_all_int8(all_int8_clearly_faster: bool, all_int8_fits: bool, same_units: bool) -> bool:
     """Whether the measured all-INT8 plan should replace the searched one. Predicted gains are
     apportioned by FLOPs, so a unit without FLOPs (the embeddings' Gather) is predicted to buy
     nothing, yet INT8 can change its latency; measurement decides: all-INT8 wins when it keeps the
-    budget on dev and ran faster."""
-    return all_int8_fits and not same_units and all_int8_ms < searched_ms
+    budget on dev and ran faster beyond the timing noise (a tie keeps the searched plan, which keeps
+    more units in FP32 and so is at least as accurate)."""
+    return all_int8_fits and not same_units and all_int8_clearly_faster
 
 
 def largest_fitting_prefix(order: list[str], fits: Callable[[frozenset[str]], bool]) -> frozenset[str]:

@@ -190,7 +190,8 @@ def quantize(
     calibration_method: Annotated[str, typer.Option(help="minmax, percentile or entropy (static).")] = "minmax",
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
     sequence_length: int = 128,
-    repeats: int = 5,
+    rounds: Annotated[int, typer.Option(help="Timing rounds: every candidate and PyTorch eager timed in turn, "
+                                        "each round; more rounds, steadier medians.")] = 5,
     max_perplexity_increase: Annotated[float, typer.Option(
         help="Generators: largest relative perplexity increase on held-out text (0.02 = 2%).")] = 0.02,
     batch_invariant: Annotated[bool, typer.Option(
@@ -204,8 +205,9 @@ def quantize(
     it, and publish it as the next version in the repository with its report. For a generator (an
     lm checkpoint) the records' texts are held-out text and the metric is next-token agreement with
     FP32: --max-drop is then the largest share of next tokens allowed to change."""
-    from quantizer.samp import SampSettings
+    from quantizer.schemas import SampSettings
     from quantizer.samp_decoder import DecoderSampSettings
+    from quantizer.timing import TimingPolicy
     from sampserve.up import quantize_and_publish
     from training.data.tasks import read_records
     from training.jobs import load_any
@@ -214,11 +216,12 @@ def quantize(
     settings: SampSettings | DecoderSampSettings
     if loaded.config.target.name == "lm":
         settings = DecoderSampSettings(min_agreement=1.0 - max_drop, max_perplexity_increase=max_perplexity_increase,
-                                       batch_invariant=batch_invariant, threads=threads, repeats=repeats)
+                                       batch_invariant=batch_invariant, threads=threads,
+                                       timing=TimingPolicy(rounds=rounds, per_round=5, warmup=1))
     else:
         settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
                                 calibration_method=calibration_method, threads=threads,
-                                sequence_length=sequence_length, repeats=repeats,
+                                sequence_length=sequence_length, timing=TimingPolicy(rounds=rounds),
                                 matching_metric=matching_metric, max_examples=max_examples)
     quantize_and_publish(loaded, read_records(data), settings, repo, model, console)
 

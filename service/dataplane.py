@@ -201,14 +201,14 @@ class DataPlane:
                 parameters={"task": "generation", "max_length": loaded.head.max_length,
                             "max_model_len": limits.max_model_len, "max_num_seqs": limits.max_num_seqs,
                             "max_waiting": limits.max_waiting, "chat_template": loaded.head.has_chat_template,
-                            "failed_versions": failed})
+                            "failed_versions": failed, **loaded.tuning.parameters()})
         return ModelMetadata(
             name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
             inputs=[TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES],
             outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
-                        "failed_versions": failed})
+                        "failed_versions": failed, **loaded.tuning.parameters()})
 
     # -- request accounting ------------------------------------------------------------------
 

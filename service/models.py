@@ -29,6 +29,7 @@ from service.generation.scheduler import EngineLimits
 from service.heads import HEADS, Encoded, GenerationHead, TextEncoder
 from service.instances import InstancePool, call_in_thread
 from service.metrics import Metrics
+from service.provenance import HostInfo, host_info, mismatch
 from service.repository import (
     MODEL_CONFIG_FILE,
     ONNX_FILE,
@@ -45,6 +46,27 @@ log = logging.getLogger("sampserve")
 MAX_RETRY_S = 3600.0
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """The machine a version's plan was measured on, and why this host may not match it."""
+
+    tuned_on: HostInfo | None
+    warning: str
+    """Non-empty when the host's INT8 instruction class differs from the recorded one."""
+
+    @classmethod
+    def of(cls, metadata: dict, host: HostInfo) -> Tuning:
+        recorded = metadata.get("provenance")
+        tuned_on = HostInfo.model_validate(recorded) if isinstance(recorded, dict) else None
+        return cls(tuned_on, mismatch(tuned_on, host))
+
+    def parameters(self) -> dict:
+        """The metadata parameters clients see: where the plan was tuned and any warning."""
+        recorded = self.tuned_on
+        return {"tuned_on": None if recorded is None else f"{recorded.cpu} ({recorded.int8_class}, onnxruntime "
+                f"{recorded.onnxruntime}, {recorded.threads} threads)", "tuning_warning": self.warning}
+
+
 @dataclass
 class LoadedVersion:
     name: str
@@ -55,6 +77,7 @@ class LoadedVersion:
     batcher: Batcher[Encoded, np.ndarray]
     max_texts: int
     """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
+    tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
         """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
@@ -86,6 +109,7 @@ class GenerationVersion:
     config: RepoModelConfig
     head: GenerationHead
     engine: GenerationEngine
+    tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
     def wedged(self, max_hung_calls: int) -> bool:
         """The engine's step loop stopped on a bug while the version is served."""
@@ -144,6 +168,7 @@ class ModelManager:
         self.models: dict[str, ModelState] = {}
         self._poller: asyncio.Task[None] | None = None
         self._refreshing = asyncio.Lock()
+        self.host = host_info(settings.threads)
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -215,11 +240,16 @@ class ModelManager:
     def _build(self, name: str, config: RepoModelConfig, version: int) -> ServedVersion:
         """Load, check and warm up one version (blocking: runs on a thread of its own)."""
         path = self.settings.repo / name / str(version)
-        verify(path)
+        manifest = verify(path)
         head = HEADS[config.task](path)
         if isinstance(head, GenerationHead):
-            return self._build_generator(name, config, version, head)
-        return self._build_encoder(name, config, version, head)
+            loaded: ServedVersion = self._build_generator(name, config, version, head)
+        else:
+            loaded = self._build_encoder(name, config, version, head)
+        loaded.tuning = Tuning.of(manifest.metadata, self.host)
+        if loaded.tuning.warning:
+            log.warning("%s/%s: %s", name, version, loaded.tuning.warning)
+        return loaded
 
     def _build_generator(self, name: str, config: RepoModelConfig, version: int,
                          head: GenerationHead) -> GenerationVersion:

@@ -81,7 +81,8 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     return out
 
 
-FAST = {"latency_batches": (1,), "repeats": 1, "sequence_length": 32, "max_examples": 48,
+FAST = {"latency_batches": (1,), "timing": {"rounds": 2, "per_round": 1, "retries": 0}, "sequence_length": 32,
+        "max_examples": 48,
         "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "dynamic"}
 
 
@@ -89,7 +90,8 @@ FAST = {"latency_batches": (1,), "repeats": 1, "sequence_length": 32, "max_examp
 def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
     """A repository with a matching and a classification model, each published through SAMP."""
     from quantizer.publish import publish_result
-    from quantizer.samp import Samp, SampSettings
+    from quantizer.samp import Samp
+    from quantizer.schemas import SampSettings
     from training.checkpoint import load_checkpoint
     from training.data.tasks import read_records
 

@@ -67,10 +67,10 @@ def test_search_is_pure_and_validates():
 
 
 def test_measured_all_int8_replaces_the_searched_plan_only_when_it_fits_and_is_faster():
-    assert prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=True, same_units=False)
-    assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=False, same_units=False)
-    assert not prefer_all_int8(searched_ms=545.0, all_int8_ms=650.0, all_int8_fits=True, same_units=False)
-    assert not prefer_all_int8(searched_ms=650.0, all_int8_ms=545.0, all_int8_fits=True, same_units=True)
+    assert prefer_all_int8(all_int8_clearly_faster=True, all_int8_fits=True, same_units=False)
+    assert not prefer_all_int8(all_int8_clearly_faster=True, all_int8_fits=False, same_units=False)
+    assert not prefer_all_int8(all_int8_clearly_faster=False, all_int8_fits=True, same_units=False)  # a tie
+    assert not prefer_all_int8(all_int8_clearly_faster=True, all_int8_fits=True, same_units=True)
 
 
 def test_largest_fitting_prefix_bisects_with_few_verifications():

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from rich.console import Console
 
-from quantizer.samp import SampSettings
+from quantizer.schemas import SampSettings
 from sampserve.up import quantize_and_publish
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
 from service.api.grpc_gen import sampserve_pb2_grpc as tasks_grpc
@@ -51,7 +51,8 @@ def student_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dev = (data / "dev.jsonl").read_text().splitlines()[:180]
     records = [{"text_a": row["en"], "text_b": row["x"]} for row in map(json.loads, dev)]
     repo = tmp / "repo"
-    samp = SampSettings(max_drop=0.02, matching_metric="retrieval", max_examples=60, repeats=1, max_candidates=2,
+    samp = SampSettings(max_drop=0.02, matching_metric="retrieval", max_examples=60, max_candidates=2,
+                        timing={"rounds": 1, "retries": 0},
                         latency_batches=(1, 8), sequence_length=32)
     quantize_and_publish(student, records, samp, repo, "xl", Console(quiet=True))
     return repo

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from rich.console import Console
 
-from quantizer.samp import SampSettings
+from quantizer.schemas import SampSettings
 from sampserve.up import quantize_and_publish
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
 from service.api.grpc_gen import sampserve_pb2_grpc as tasks_grpc
@@ -46,7 +46,8 @@ def transfer_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     metrics = train_ear(settings, tmp / "run", progress=False)
     records = read_jsonl(data / "dev.jsonl")[:150] + read_jsonl(data / "dev.de.jsonl")[:90]
     assert metrics["accuracy"]["de"] > 0.3, metrics["accuracy"]  # English-only training transferred
-    samp = SampSettings(max_drop=0.03, max_examples=80, repeats=1, max_candidates=2, latency_batches=(1, 8),
+    samp = SampSettings(max_drop=0.03, max_examples=80, max_candidates=2,
+                        timing={"rounds": 1, "retries": 0}, latency_batches=(1, 8),
                         sequence_length=32, mode="dynamic")
     repo = tmp / "repo"
     quantize_and_publish(load_checkpoint(tmp / "run"), records, samp, repo, "xl-topics", Console(quiet=True))

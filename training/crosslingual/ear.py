@@ -282,7 +282,8 @@ def train_ear(settings: EarSettings, out: Path, progress: bool = True) -> dict[s
     languages = test_languages(settings.data, settings.languages)
     metrics = {"settings": json.loads(settings.model_dump_json()), "label": settings.label(),
                "steps": result.steps, "seconds": round(result.seconds, 1), "train_loss": result.train_loss,
-               "history": result.history, **evaluate_transfer(load_checkpoint(out), settings.data, languages, max_length,
+               "history": result.history,
+               **evaluate_transfer(load_checkpoint(out), settings.data, languages, max_length,
                                    bf16=settings.precision == "bf16")}
     if not settings.keep_checkpoint:
         for child in out.iterdir():

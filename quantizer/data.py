@@ -1,0 +1,79 @@
+"""SAMP's data: disjoint calibration, dev (plan choice) and test (never seen by the search) parts,
+tokenized once into the feeds every candidate is run on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from quantizer.measure import Feed, TaskEval, fixed_shape_feed, tokenize
+from quantizer.schemas import SampSettings
+from training.checkpoint import Checkpoint
+
+
+@dataclass
+class SampData:
+    """Texts for calibration, dev (plan choice) and test (never seen by the search)."""
+
+    dev: TaskEval
+    test: TaskEval
+    calibration: list[Feed]
+    latency_texts: list[str]
+
+
+def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[str, ...], settings: SampSettings,
+               seed: int = 0, batch: int = 32) -> SampData:
+    """Split ``records`` into disjoint calibration, dev and test parts and tokenize them.
+
+    Matching uses pairs (``text_a``/``text_b``, or random pairs of ``text``); classification uses
+    ``text`` (+ ``text_pair``) with ``label``."""
+    rows = list(records)
+    random.Random(seed).shuffle(rows)
+    head = checkpoint.head
+    max_length = min(head.max_length, settings.sequence_length)
+    pad = checkpoint.config.pad_token_id
+    third = min(len(rows) // 3, settings.max_examples)
+    if third < 8:
+        raise ValueError(f"SAMP needs at least 24 records to split into calibration/dev/test, got {len(rows)}")
+    calib_rows, dev_rows, test_rows = rows[:third], rows[third : 2 * third], rows[2 * third : 3 * third]
+
+    prefix = head.text_prefix  # e5-style models expect "query: " before every text
+
+    def texts(part: list[dict]) -> list[str]:
+        return [prefix + (r.get("text") or r.get("text_a") or "") for r in part]
+
+    def task_eval(part: list[dict], name: str) -> TaskEval:
+        if head.task == "classification":
+            labels = np.array([head.labels.index(str(r["label"])) for r in part])  # type: ignore[union-attr]
+            pairs = [r["text_pair"] for r in part] if "text_pair" in part[0] else None
+            feeds = [tokenize(checkpoint.tokenizer, texts(part[i:i + batch]), max_length, pad, input_names,
+                              pairs[i:i + batch] if pairs else None) for i in range(0, len(part), batch)]
+            return TaskEval(name=name, feeds=feeds, labels=labels)
+        retrieval = settings.matching_metric == "retrieval"
+        if retrieval and "text_b" not in part[0]:
+            raise ValueError("the retrieval metric needs pairs: records with text_a and text_b")
+        if "text_b" in part[0]:
+            side_a, side_b = texts(part), [prefix + r["text_b"] for r in part]
+        else:
+            pool = texts(part)
+            rng = random.Random(f"{seed}/{name}")
+            side_a, side_b = pool, [pool[rng.randrange(len(pool))] for _ in pool]
+        feeds = [tokenize(checkpoint.tokenizer, side_a[i:i + batch], max_length, pad, input_names)
+                 for i in range(0, len(side_a), batch)]
+        feeds += [tokenize(checkpoint.tokenizer, side_b[i:i + batch], max_length, pad, input_names)
+                  for i in range(0, len(side_b), batch)]
+        return TaskEval(name=name, feeds=feeds, pair_split=len(side_a), retrieval=retrieval)
+
+    calib_texts = texts(calib_rows)
+    per_batch = max(1, len(calib_texts) // settings.calibration_batches)
+    calibration = [
+        fixed_shape_feed(checkpoint.tokenizer, calib_texts[i * per_batch:(i + 1) * per_batch], per_batch,
+                         max_length, pad, input_names)
+        for i in range(settings.calibration_batches)
+    ]
+    return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"),
+                    calibration=calibration, latency_texts=calib_texts)
+
+

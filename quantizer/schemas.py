@@ -1,0 +1,90 @@
+"""SAMP's artifacts and settings: what the user asks for, each measured candidate, the report.
+
+The report is what samp_report.json holds and what the server's model metadata and the benchmark
+read; its timing and provenance fields say how far each speed figure can be trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantizer.timing import Quietness, TimingPolicy
+from service.provenance import HostInfo
+
+
+class SampSettings(BaseModel):
+    """What the user asks of SAMP; validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_drop: float = Field(0.01, ge=0, description="Largest allowed drop of the task metric (0.01 = 1 point).")
+    min_cosine: float | None = Field(None, gt=0, le=1, description="Embeddings: lowest mean cosine to FP32.")
+    mode: Literal["auto", "dynamic", "static"] = Field(
+        "auto", description="INT8 form; auto measures both all-INT8 forms and keeps the faster.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    calibration_batches: int = Field(8, ge=1)
+    sequence_length: int = Field(128, ge=8, description="Sequence length of the latency measurements.")
+    latency_batches: tuple[int, ...] = (1, 8, 32)
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores).")
+    timing: TimingPolicy = Field(default_factory=TimingPolicy, description="How candidates are timed (interleaved "
+                                 "rounds) and when the machine counts as quiet enough to publish a speed ratio.")
+    max_candidates: int = Field(6, ge=2, description="Frontier plans measured for the report's plot.")
+    max_examples: int = Field(256, ge=8, description="Records in each of calibration, dev and test.")
+    matching_metric: Literal["spearman_vs_fp32", "retrieval"] = Field(
+        "spearman_vs_fp32", description="Matching: Spearman of the pairs' cosines against FP32's, or translation "
+        "retrieval accuracy@1 (text_a <-> text_b among the split's pairs, both directions; needs text_b).")
+
+
+class Candidate(BaseModel):
+    name: str
+    mode: str
+    int8: list[str]
+    quantization_rate: float
+    dev_metric: float
+    test_metric: float | None = None
+    dev_cosine: float | None = None
+    latency_ms: dict[int, float]
+    """Median milliseconds per batch size, timed interleaved with every other candidate and PyTorch eager."""
+    latency_spread: dict[int, float] | None = None
+    """Interquartile range / median of those timings, per batch size."""
+    speedup_vs_torch: float | None
+    """PyTorch eager's median over this candidate's at the largest batch; None when the machine was too busy
+    for the timings to be trusted (see SampReport.timing)."""
+    size_bytes: int
+    perplexity_increase: dict[str, float] | None = None
+    """Generators: relative perplexity change against FP32 on dev and test."""
+    batch_invariant: bool | None = None
+    """Generators: greedy tokens of a prompt alone equal its tokens inside a mixed batch."""
+
+
+class SampReport(BaseModel):
+    task: str
+    metric: str
+    budget: dict[str, float | None]
+    units: list[dict]
+    torch_eager_ms: dict[int, float]
+    candidates: list[Candidate]
+    chosen: str
+    verdict: str
+    export_max_abs_diff: float
+    mode: str
+    notes: list[str]
+    kept_fp32: list[str] | None = None
+    """Units the chosen plan keeps in FP32."""
+    timing: Quietness | None = None
+    """How quiet the machine was while the candidates were timed (None: a report from before timing checks)."""
+    provenance: HostInfo | None = None
+    """The machine the plan was measured on: CPU, INT8 instructions, onnxruntime, threads."""
+
+
+@dataclass
+class SampResult:
+    report: SampReport
+    model_path: Path  # the chosen plan's ONNX file
+    workdir: Path
+
+

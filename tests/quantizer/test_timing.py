@@ -1,0 +1,106 @@
+"""Timing on a busy machine: interleaved rounds, the quietness verdict and its retries driven by
+synthetic noisy timings, ties within the noise, and a real SAMP run beside a process that loads a core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from quantizer.samp import Samp, choose_mode
+from quantizer.schemas import SampSettings
+from quantizer.timing import OtherLoad, Timing, TimingPolicy, clearly_faster, interleaved, measure
+from training.checkpoint import load_checkpoint
+from training.data.tasks import read_records
+
+POLICY = TimingPolicy(rounds=3, per_round=2, warmup=1, max_spread=0.15, max_other_cores=0.3, retries=2, pause_s=0.5)
+
+
+def steady(ms: float) -> Timing:
+    return Timing(tuple(ms * f for f in (0.99, 1.0, 1.0, 1.01, 1.0, 0.995)))
+
+
+def bursty(ms: float) -> Timing:
+    """What a candidate looks like when another process takes the cores for part of the rounds."""
+    return Timing((ms, ms * 3.1, ms, ms * 2.4, ms * 1.02, ms * 2.9))
+
+
+def test_rounds_rotate_the_order_and_count_every_run() -> None:
+    calls: list[str] = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    timings = interleaved(runners, POLICY)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, once each
+    timed = calls[3:]
+    firsts = [timed[i * 6] for i in range(3)]  # each round starts with a different runner
+    assert firsts == ["a", "b", "c"]
+    assert all(len(t.samples_ms) == 6 for t in timings.values())
+
+
+def test_a_busy_measurement_is_retried_and_a_quiet_one_accepted() -> None:
+    attempts = iter([({"torch": bursty(30), "int8": steady(10)}, 0.1),
+                     ({"torch": steady(30), "int8": steady(10)}, 1.4),
+                     ({"torch": steady(30), "int8": steady(10)}, 0.05)])
+    pauses: list[float] = []
+    timings, quiet = measure({}, POLICY, attempt=lambda: next(attempts), sleep=pauses.append)
+    assert quiet.quiet and quiet.attempts == 3 and pauses == [0.5, 0.5]
+    assert timings["torch"].median_ms / timings["int8"].median_ms == pytest.approx(3.0)
+
+
+def test_a_machine_that_stays_busy_is_reported_not_hidden() -> None:
+    def attempt():
+        return {"torch": bursty(30), "int8": steady(10)}, 1.9
+
+    timings, quiet = measure({}, POLICY, attempt=attempt, sleep=lambda s: None)
+    assert not quiet.quiet and quiet.attempts == 3
+    assert "torch varied by" in quiet.reason and "other processes used 1.90 cores" in quiet.reason
+    # steady but slowed by a competitor: the load alone says busy
+    _, loaded = measure({}, POLICY, attempt=lambda: ({"a": steady(30)}, 0.8), sleep=lambda s: None)
+    assert not loaded.quiet and "varied" not in loaded.reason and "0.80 cores" in loaded.reason
+
+
+def test_differences_within_the_noise_are_ties_broken_towards_the_batch_invariant_form() -> None:
+    assert clearly_faster(steady(10), steady(13), POLICY)
+    assert not clearly_faster(steady(10), steady(10.2), POLICY)  # under the 3% floor
+    assert not clearly_faster(steady(10), bursty(13), POLICY)  # 23% faster, but the other varied more than that
+    assert choose_mode({"dynamic": steady(10), "static": steady(13)}, POLICY)[0] == "dynamic"
+    mode, why = choose_mode({"dynamic": steady(10), "static": steady(10.2)}, POLICY)
+    assert mode == "static" and "batch-mates" in why
+
+
+def _burner(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {seconds}\n"
+                             "while time.time() < end: pass"])
+
+
+def test_other_processes_cpu_is_seen() -> None:
+    burner = _burner(3.0)
+    try:
+        time.sleep(0.3)
+        with OtherLoad() as load:
+            time.sleep(1.0)
+    finally:
+        burner.wait()
+    assert load.cores is not None and load.cores > 0.6  # one core spinning in another process
+
+
+def test_samp_beside_a_busy_core_publishes_no_speed_ratio(tiny_classifier, topics_data, tmp_path) -> None:
+    """A real run while another process spins: the report says the machine was busy and gives no ratio."""
+    settings = SampSettings(max_drop=0.05, latency_batches=(1, 4), sequence_length=32, max_examples=48,
+                            calibration_batches=2, threads=1, max_candidates=2, mode="dynamic",
+                            timing={"rounds": 2, "per_round": 2, "retries": 1, "pause_s": 0.2,
+                                    "max_other_cores": 0.3})
+    samp = Samp(load_checkpoint(tiny_classifier), read_records(topics_data / "dev.jsonl"), settings,
+                workdir=tmp_path)
+    burner = _burner(600)
+    try:
+        report = samp.run().report
+    finally:
+        burner.kill()
+        burner.wait()
+    assert report.timing is not None and not report.timing.quiet
+    assert "other processes used" in report.timing.reason
+    assert all(c.speedup_vs_torch is None for c in report.candidates)
+    assert "speed ratio not published" in report.verdict
+    assert all(c.latency_ms[4] > 0 for c in report.candidates)  # the timings themselves are still recorded
