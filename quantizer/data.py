@@ -13,6 +13,10 @@ from quantizer.schemas import SampSettings
 from training.checkpoint import Checkpoint
 
 
+INVARIANCE_TEXTS = 24
+INVARIANCE_BATCH = 8
+
+
 @dataclass
 class SampData:
     """Texts for calibration, dev (plan choice) and test (never seen by the search)."""
@@ -21,6 +25,10 @@ class SampData:
     test: TaskEval
     calibration: list[Feed]
     latency_texts: list[str]
+    alone: list[Feed]
+    """Dev texts one per feed, each at its own length: the batch-invariance reference."""
+    together: list[Feed]
+    """The same texts in batches of mixed lengths (padded to each batch's longest), in the same order."""
 
 
 def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[str, ...], settings: SampSettings,
@@ -73,7 +81,11 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
                          max_length, pad, input_names)
         for i in range(settings.calibration_batches)
     ]
+    mixed = texts(dev_rows)[:INVARIANCE_TEXTS]
+    alone = [tokenize(checkpoint.tokenizer, [t], max_length, pad, input_names) for t in mixed]
+    together = [tokenize(checkpoint.tokenizer, mixed[i:i + INVARIANCE_BATCH], max_length, pad, input_names)
+                for i in range(0, len(mixed), INVARIANCE_BATCH)]
     return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"),
-                    calibration=calibration, latency_texts=calib_texts)
+                    calibration=calibration, latency_texts=calib_texts, alone=alone, together=together)
 
 

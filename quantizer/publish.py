@@ -13,7 +13,7 @@ from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp
-from quantizer.schemas import SampResult
+from quantizer.schemas import DEFAULT_BATCH_COSINE, SampReport, SampResult, SampSettings
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.heads import HEADS
 from service.repository import (
@@ -24,10 +24,12 @@ from service.repository import (
     GenerationMeta,
     HeadMeta,
     RepoModelConfig,
+    list_versions,
     load_model_config,
     publish,
+    verify,
 )
-from training.checkpoint import Checkpoint, raw_tokenizer
+from training.checkpoint import CONFIG_FILE, Checkpoint, raw_tokenizer
 
 SERVED_TASKS = {"matching": "matching", "classification": "classification", "lm": "generation"}
 """A checkpoint's training task -> the repository task it publishes as (RepoModelConfig.task)."""
@@ -137,4 +139,36 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     metadata = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict, "mode": result.report.mode}
     if result.report.provenance is not None:  # the server compares it with the host it runs on
         metadata["provenance"] = result.report.provenance.model_dump()
+    chosen = next(c for c in result.report.candidates if c.name == result.report.chosen)
+    if chosen.batch_invariant is not None:  # what /v2/models/{m} tells clients about batch-mates
+        metadata["batch_invariance"] = {"invariant": chosen.batch_invariant, "batch_cosine": chosen.batch_cosine,
+                                        "required": result.report.budget.get("min_batch_cosine")}
     return publish(model_dir, files, metadata), notes
+
+
+def retune_source(model_dir: Path, version: int | None = None) -> tuple[Path, SampSettings]:
+    """The checkpoint and budget a published encoder version was quantized with (its newest version by
+    default): ``sampserve quantize --retune`` runs SAMP again with them on the machine at hand, so that the
+    speed decisions (which INT8 form, which units) are this machine's, and publishes a new version."""
+    number = version or max(list_versions(model_dir), default=0)
+    if not number:
+        raise FileNotFoundError(f"{model_dir}: no published version to re-tune")
+    version_dir = Path(model_dir) / str(number)
+    manifest = verify(version_dir)
+    if not (version_dir / REPORT_JSON).is_file():
+        raise NotServable(f"{version_dir}: no {REPORT_JSON} (not a SAMP plan): nothing to re-tune")
+    report = SampReport.model_validate_json((version_dir / REPORT_JSON).read_text())
+    if report.task == "generation":
+        raise NotServable(f"{version_dir}: re-tuning covers encoders; quantize a generator again from its checkpoint")
+    source = Path(str(manifest.metadata.get("source", "")))
+    if not (source / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{version_dir}: its source checkpoint {source} is not on this machine; pass "
+                                "--checkpoint to quantize from a copy of it")
+    budget = report.budget
+    settings = SampSettings(
+        max_drop=budget["max_drop"] if budget.get("max_drop") is not None else 0.01,
+        min_cosine=budget.get("min_cosine"),
+        min_batch_cosine=budget.get("min_batch_cosine", DEFAULT_BATCH_COSINE),
+        matching_metric="retrieval" if report.metric == "retrieval_acc@1" else "spearman_vs_fp32",
+    )
+    return source, settings

@@ -1,11 +1,16 @@
 """Apply a plan: the chosen units' weight MatMuls to INT8, everything else left in FP32.
 
-Two forms, both from onnxruntime's quantization primitives:
-- ``dynamic``: INT8 weights (symmetric, per channel), activations quantized at run time. No
-  calibration; the fastest on the CPUs measured (docs/design.md, "Quantization").
+Three forms, all from onnxruntime's quantization primitives:
+- ``dynamic``: INT8 weights (symmetric, per channel), activations quantized at run time with one
+  scale for the whole batch tensor: no calibration and usually the fastest, but a row's rounding
+  depends on its batch-mates (a long or unusual input changes everyone's scale).
 - ``static``: QDQ graph with calibrated activation ranges (min-max, percentile or entropy) and
-  symmetric per-channel weights; the one file serves onnxruntime on CPU and TensorRT's explicit
-  quantization on GPU. MatMul outputs stay unquantized (quantizing them cost 0.08 Spearman here).
+  symmetric per-channel weights; fixed scales, so rows do not depend on each other. The one file
+  serves onnxruntime on CPU and TensorRT's explicit quantization on GPU. MatMul outputs stay
+  unquantized (quantizing them cost 0.08 Spearman here).
+- ``blockwise``: MatMulNBits with 8-bit weights in blocks of 32 and accuracy level 4, which quantizes
+  activations per row in blocks: no calibration, and rows do not depend on each other. The word
+  embedding table (a Gather unit) is stored INT8 with per-row scales (weight only).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from onnxruntime.quantization import (
 
 from quantizer.units import Unit
 
-Mode = Literal["dynamic", "static"]
+Mode = Literal["dynamic", "static", "blockwise"]
+BLOCK = 32
+"""Block length of the blockwise form's weights and activations."""
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
@@ -70,6 +77,8 @@ def apply_plan(
         out_path.write_bytes(Path(fp32_path).read_bytes())
         return out_path
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node
+    if mode == "blockwise":
+        return _blockwise(Path(fp32_path), out_path, set(nodes))
     if mode == "dynamic":
         quantize_dynamic(
             str(fp32_path), str(out_path), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
@@ -86,4 +95,27 @@ def apply_plan(
             calibrate_method=CALIBRATION_METHODS[method],
             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"], "MatMulConstBOnly": True},
         )
+    return out_path
+
+
+def _blockwise(fp32_path: Path, out_path: Path, nodes: set[str]) -> Path:
+    """The chosen MatMuls as MatMulNBits (8-bit, blocks of BLOCK, accuracy level 4); a chosen Gather (the
+    word table) as a weight-only INT8 lookup."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32_path))
+    # nodes_to_include is not honoured by every onnxruntime version: exclude the others instead.
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=exclude)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(out_path))
+    gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name in nodes]
+    if gathers:
+        staged = out_path.with_suffix(".gather.onnx")
+        quantize_dynamic(str(out_path), str(staged), op_types_to_quantize=["Gather"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=gathers)
+        staged.replace(out_path)
     return out_path

@@ -20,22 +20,32 @@ from rich.progress import Progress
 from quantizer.data import build_data
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_onnx
-from quantizer.measure import fixed_shape_feed, run_batched, session_runner, torch_runner
+from quantizer.measure import cosine_rows, fixed_shape_feed, run_batched, session_runner, torch_runner
 from quantizer.quantize import apply_plan
-from quantizer.schemas import Candidate, SampReport, SampResult, SampSettings
+from quantizer.schemas import DEFAULT_BATCH_COSINE, Candidate, SampReport, SampResult, SampSettings
 from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
 from quantizer.timing import TORCH, Quietness, Timing, TimingPolicy, clearly_faster, combine, measure
 from quantizer.units import Unit, find_units, quantization_rate
 from service.provenance import host_info
 from training.checkpoint import Checkpoint
 
+FORMS = ("dynamic", "static", "blockwise")
+"""The INT8 forms ``auto`` measures (quantizer.quantize)."""
 
-def choose_mode(extremes: dict[str, Timing], policy: TimingPolicy) -> tuple[str, str]:
-    """``auto``'s INT8 form and why: dynamic only when its all-INT8 graph beats static's beyond the noise.
-    A tie keeps static, whose fixed activation scales make a row's output independent of its batch-mates."""
-    if clearly_faster(extremes["dynamic"], extremes["static"], policy):
-        return "dynamic", "faster beyond the noise"
-    return "static", "dynamic is not faster beyond the noise; static does not depend on batch-mates"
+
+def choose_form(timings: dict[str, Timing], ranked: list[str], policy: TimingPolicy) -> tuple[str, str]:
+    """The INT8 form among ``ranked`` (admitted forms, most batch-invariant first) and why: a form
+    displaces the current choice only when its all-INT8 graph is faster beyond the timing noise, so a
+    tie keeps the more batch-invariant one."""
+    best = ranked[0]
+    for form in ranked[1:]:
+        if clearly_faster(timings[form], timings[best], policy):
+            best = form
+    if len(ranked) == 1:
+        return best, "the only form admitted"
+    if best == ranked[0]:
+        return best, "no other admitted form is faster beyond the noise; this one depends least on batch-mates"
+    return best, "faster beyond the noise"
 
 
 class Samp:
@@ -105,6 +115,44 @@ class Samp:
             runners[name] = lambda run=run: run(feed)
         return measure(runners, self.settings.timing)
 
+    def batch_check(self, path: Path) -> tuple[float, bool]:
+        """The lowest cosine between a dev text's output alone and inside a batch of mixed lengths, and
+        whether that is batch-invariant (the tolerance met; for classification also the same top-1)."""
+        run = session_runner(ort_session(path, self.settings.threads))
+        alone, together = run_batched(run, self.data.alone), run_batched(run, self.data.together)
+        cosine = float(cosine_rows(alone, together).min())
+        same_top1 = self.checkpoint.head.task != "classification" or bool(
+            (alone.argmax(-1) == together.argmax(-1)).all())
+        return cosine, cosine >= (self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE) and same_top1
+
+    def _choose_form(self, everything: frozenset[str], notes: list[str]) -> tuple[str, float, bool]:
+        """The INT8 form (mode) the plan uses, the FP32 -> all-INT8 saving at the largest batch that the
+        units share, and whether any form is admitted (batch invariance, unless the user relaxed it)."""
+        s = self.settings
+        big = max(s.latency_batches)
+        modes = list(FORMS) if s.mode == "auto" else [s.mode]
+        paths = {m: self.build(everything, m) for m in modes}
+        self._step("batch invariance and timing of FP32 and all-INT8 (" + ", ".join(modes) + "), interleaved")
+        checks = {m: self.batch_check(paths[m]) for m in modes}
+        extremes, quiet = self.time_plans({"fp32": self.info.path, **paths}, big)
+        admitted = [m for m in modes if s.min_batch_cosine is None or checks[m][1]]
+        described = ", ".join(f"{m} {extremes[m].median_ms:.1f} ms (spread {extremes[m].spread:.0%}, batch cosine "
+                              f"{checks[m][0]:.6f})" for m in modes)
+        if not quiet.quiet:
+            notes.append(f"the FP32 / all-INT8 timings were taken on a busy machine ({quiet.reason}); units are "
+                         "still ranked by their share of the saving, but its size is uncertain")
+        if s.min_batch_cosine is None:
+            notes.append("batch invariance not required (min_batch_cosine unset): forms whose outputs depend on "
+                         "batch-mates compete too")
+        if not admitted:
+            notes.append(f"all-INT8 at batch {big}: {described}; no form keeps an output's cosine alone vs batched "
+                         f">= {s.min_batch_cosine}: the FP32 plan is kept")
+            return modes[0], 0.0, False
+        ranked = sorted(admitted, key=lambda m: -checks[m][0])  # most batch-invariant first
+        mode, why = choose_form(extremes, ranked, s.timing)
+        notes.append(f"all-INT8 at batch {big}: {described}; using {mode} ({why})")
+        return mode, max(extremes["fp32"].median_ms - extremes[mode].median_ms, 0.0), True
+
     def within_budget(self, metric: float, cosine: float | None, split: str = "dev") -> bool:
         ok = self.fp32_metric[split] - metric <= self.settings.max_drop + 1e-12
         if self.settings.min_cosine is not None and cosine is not None:
@@ -118,24 +166,12 @@ class Samp:
         notes: list[str] = []
         everything = frozenset(u.name for u in self.units)
         big = max(s.latency_batches)
-        modes = ["dynamic", "static"] if s.mode == "auto" else [s.mode]
-        self._step("timing FP32 and all-INT8 (" + ", ".join(modes) + "), interleaved")
-        extremes, quiet = self.time_plans({"fp32": self.info.path, **{m: self.build(everything, m) for m in modes}},
-                                          big)
-        mode = modes[0]
-        if s.mode == "auto":
-            mode, why = choose_mode(extremes, s.timing)
-            timings = ", ".join(f"{m} {extremes[m].median_ms:.1f} ms (spread {extremes[m].spread:.0%})" for m in modes)
-            notes.append(f"all-INT8 at batch {big}: {timings}; using {mode} ({why})")
-        if not quiet.quiet:
-            notes.append(f"the FP32 / all-INT8 timings were taken on a busy machine ({quiet.reason}); units are "
-                         "still ranked by their share of the saving, but its size is uncertain")
-        saved = max(extremes["fp32"].median_ms - extremes[mode].median_ms, 0.0)
+        mode, saved, admitted = self._choose_form(everything, notes)
         total_flops = sum(u.flops_per_token for u in self.units) or 1
 
         measurements: list[UnitMeasurement] = []
         unit_rows: list[dict] = []
-        for unit in self.units:
+        for unit in self.units if admitted else []:
             self._step(f"sensitivity of {unit.name}")
             score, cosine = self.metric(self.build(frozenset({unit.name}), mode))
             self.discard(frozenset({unit.name}), mode)
@@ -144,12 +180,16 @@ class Samp:
             measurements.append(UnitMeasurement(unit.name, self.fp32_metric["dev"] - score, gain, cosine_loss))
             unit_rows.append({"unit": unit.name, "drop": self.fp32_metric["dev"] - score, "gain_ms": gain,
                               "cosine": cosine, "flops_per_token": unit.flops_per_token})
+        if not admitted:  # no INT8 form keeps outputs independent of batch-mates: FP32, nothing to search
+            measurements = [UnitMeasurement(u.name, float("inf"), 0.0, 0.0) for u in self.units]
 
         # Per-unit drops are noisy and need not add up: when every unit that buys speed fits the
         # budget measured together, that is the fastest plan and the search is not needed.
         fastest = plan_from(measurements, {m.name for m in measurements if m.gain_ms > 0})
         self._step("verifying every speed-buying unit in INT8")
-        if self.within_budget(*self.metric(self.build(fastest.int8, mode))):
+        if fastest.is_fp32:
+            plan = fastest
+        elif self.within_budget(*self.metric(self.build(fastest.int8, mode))):
             plan = fastest
             notes.append("every unit that buys speed fits the budget together: no search needed")
         else:
@@ -169,16 +209,23 @@ class Samp:
         speed = (f"{chosen.speedup_vs_torch:.2f}x PyTorch eager at batch {big}" if chosen.speedup_vs_torch is not None
                  else f"speed ratio not published: the machine was busy while timing ({timing.reason}); re-measure "
                       "on a quiet machine with sampserve quantize --retune")
-        if plan.is_fp32:
+        if not admitted:
+            verdict = (f"No INT8 form keeps an output's cosine alone vs inside a batch >= {s.min_batch_cosine}: the "
+                       f"FP32 plan is chosen ({speed}). Relax min_batch_cosine to admit batch-dependent forms.")
+        elif plan.is_fp32:
             verdict = f"No INT8 unit fits a max drop of {s.max_drop}: the FP32 plan is chosen ({speed})."
         else:
             verdict = (f"{len(plan.int8)} of {len(self.units)} units in INT8 ({mode}), quantization rate "
                        f"{chosen.quantization_rate:.0%}: {self._metric_name()} drop "
                        f"{self.fp32_metric['dev'] - chosen.dev_metric:.4f} on dev, "
                        f"{self.fp32_metric['test'] - (chosen.test_metric or 0):.4f} on test; {speed}.")
+        verdict += (f" Batch-invariant: {'yes' if chosen.batch_invariant else 'NO'} (lowest cosine of an output alone "
+                    f"vs inside a batch {chosen.batch_cosine:.6f}" + ("" if s.min_batch_cosine is not None else
+                                                                       "; not required by the settings") + ").")
         report = SampReport(
             task=self.checkpoint.head.task, metric=self._metric_name(),
-            budget={"max_drop": s.max_drop, "min_cosine": s.min_cosine}, units=unit_rows,
+            budget={"max_drop": s.max_drop, "min_cosine": s.min_cosine, "min_batch_cosine": s.min_batch_cosine},
+            units=unit_rows,
             torch_eager_ms=torch_ms, candidates=candidates, chosen="samp", verdict=verdict,
             export_max_abs_diff=self.info.max_abs_diff, mode=mode, notes=notes, timing=timing,
             provenance=host_info(s.threads),
@@ -189,7 +236,8 @@ class Samp:
                                   timings: dict[str, Timing], notes: list[str]) -> tuple[Plan, list[Candidate]]:
         searched = next(c for c in candidates if c.name == "samp")
         full = next(c for c in candidates if c.name == "all-int8")
-        fits = self.within_budget(full.dev_metric, full.dev_cosine)
+        fits = self.within_budget(full.dev_metric, full.dev_cosine) and (
+            self.settings.min_batch_cosine is None or bool(full.batch_invariant))
         same = set(full.int8) == set(searched.int8)
         faster = clearly_faster(timings["all-int8"], timings["samp"], self.settings.timing)
         if not prefer_all_int8(faster, fits, same):
@@ -220,7 +268,7 @@ class Samp:
             self._step(f"measuring candidate {name}")
             dev, cosine = self.metric(paths[name])
             test = self.metric(paths[name], "test")[0] if name in ("fp32", "all-int8", "samp") else None
-            scores[name] = (dev, cosine, test)
+            scores[name] = (dev, cosine, test, *self.batch_check(paths[name]))
         timings: dict[int, dict[str, Timing]] = {}
         quiet: list[Quietness] = []
         for batch in s.latency_batches:
@@ -230,12 +278,13 @@ class Samp:
         overall = combine(quiet, list(s.latency_batches))
         out = []
         for name, candidate in named:
-            dev, cosine, test = scores[name]
+            dev, cosine, test, batch_cosine, invariant = scores[name]
             medians = {b: timings[b][name].median_ms for b in s.latency_batches}
             out.append(Candidate(
                 name=name, mode="fp32" if candidate.is_fp32 else mode, int8=sorted(candidate.int8),
                 quantization_rate=quantization_rate(self.units, set(candidate.int8)), dev_metric=dev,
-                test_metric=test, dev_cosine=cosine, latency_ms=medians,
+                test_metric=test, dev_cosine=cosine, latency_ms=medians, batch_cosine=batch_cosine,
+                batch_invariant=invariant,
                 latency_spread={b: timings[b][name].spread for b in s.latency_batches},
                 speedup_vs_torch=timings[big][TORCH].median_ms / medians[big] if overall.quiet else None,
                 size_bytes=paths[name].stat().st_size,

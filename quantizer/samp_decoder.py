@@ -20,7 +20,6 @@ judged by next-token agreement with FP32 instead of a task metric.
 
 from __future__ import annotations
 
-import logging
 import random
 import tempfile
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnx
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
@@ -38,7 +36,7 @@ from rich.progress import Progress
 from quantizer.decoder_export import OrtDecoder
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_decoder
-from quantizer.quantize import apply_plan
+from quantizer.quantize import BLOCK, apply_plan
 from quantizer.schemas import Candidate, SampReport, SampResult
 from quantizer.search import UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
 from quantizer.timing import TORCH, Quietness, TimingPolicy, combine, measure
@@ -47,7 +45,6 @@ from service.provenance import host_info
 from training.checkpoint import Checkpoint
 
 Form = Literal["blockwise", "dynamic"]
-BLOCK = 32
 
 
 class DecoderSampSettings(BaseModel):
@@ -235,10 +232,8 @@ class DecoderSamp:
             path = self.workdir / f"plan-{len(self._built)}.onnx"
             if not int8:
                 path = self.info.path
-            elif form == "dynamic":
-                apply_plan(self.info.path, path, self.units, set(int8), "dynamic")
             else:
-                build_blockwise(self.info.path, path, self.units, set(int8))
+                apply_plan(self.info.path, path, self.units, set(int8), form)
             self._built[key] = path
         return self._built[key]
 
@@ -422,25 +417,4 @@ class DecoderSamp:
             self.progress.console.print(f"[dim]·[/] {text}")
 
 
-def build_blockwise(fp32_path: Path, out_path: Path, units: list[Unit], int8: set[str]) -> Path:
-    """The units' weight MatMuls as MatMulNBits (8-bit weights in blocks of 32, accuracy level 4)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    unknown = int8 - {u.name for u in units}
-    if unknown:
-        raise ValueError(f"plan names units the graph does not have: {sorted(unknown)}")
-    chosen = {n for u in units if u.name in int8 for n in u.nodes}
-    model = onnx.load(str(fp32_path))
-    # nodes_to_include is not honoured by every onnxruntime version: exclude the others instead.
-    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_exclude=exclude)
-    quantizer.process()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(quantizer.model.model, str(out_path))
-    return out_path
-
-
-__all__ = ["DecoderSamp", "DecoderSampSettings", "build_blockwise", "simulated_int8"]
+__all__ = ["DecoderSamp", "DecoderSampSettings", "simulated_int8"]

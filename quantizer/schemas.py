@@ -16,6 +16,10 @@ from quantizer.timing import Quietness, TimingPolicy
 from service.provenance import HostInfo
 
 
+DEFAULT_BATCH_COSINE = 0.9999
+"""The batch-invariance tolerance: an output alone and inside a batch must have at least this cosine."""
+
+
 class SampSettings(BaseModel):
     """What the user asks of SAMP; validated before any work starts."""
 
@@ -23,8 +27,14 @@ class SampSettings(BaseModel):
 
     max_drop: float = Field(0.01, ge=0, description="Largest allowed drop of the task metric (0.01 = 1 point).")
     min_cosine: float | None = Field(None, gt=0, le=1, description="Embeddings: lowest mean cosine to FP32.")
-    mode: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="INT8 form; auto measures both all-INT8 forms and keeps the faster.")
+    mode: Literal["auto", "dynamic", "static", "blockwise"] = Field(
+        "auto", description="INT8 form; auto measures every form's all-INT8 graph and keeps the fastest of those "
+        "that meet min_batch_cosine (a tie within the timing noise goes to the more batch-invariant one).")
+    min_batch_cosine: float | None = Field(
+        DEFAULT_BATCH_COSINE, gt=0, le=1, description="Batch invariance: the lowest cosine allowed between an "
+        "input's output computed alone and inside a batch of other inputs (classification also needs the same "
+        "top-1). None admits forms whose outputs depend on batch-mates (dynamic INT8): the user's explicit "
+        "choice, shown in the report and the served model's metadata.")
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     calibration_batches: int = Field(8, ge=1)
     sequence_length: int = Field(128, ge=8, description="Sequence length of the latency measurements.")
@@ -58,7 +68,10 @@ class Candidate(BaseModel):
     perplexity_increase: dict[str, float] | None = None
     """Generators: relative perplexity change against FP32 on dev and test."""
     batch_invariant: bool | None = None
-    """Generators: greedy tokens of a prompt alone equal its tokens inside a mixed batch."""
+    """Encoders: batch_cosine meets the tolerance (and top-1 is unchanged for classification). Generators:
+    greedy tokens of a prompt alone equal its tokens inside a mixed batch."""
+    batch_cosine: float | None = None
+    """Encoders: the lowest cosine between an input's output alone and inside a batch of mixed lengths."""
 
 
 class SampReport(BaseModel):

@@ -13,6 +13,7 @@ noise are ties, which the caller breaks by accuracy and batch invariance, not by
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -35,13 +36,19 @@ class TimingPolicy(BaseModel):
 
     rounds: int = Field(5, ge=1, description="Round-robin rounds over all candidates.")
     per_round: int = Field(2, ge=1, description="Timed runs of each candidate per round.")
-    warmup: int = Field(2, ge=0, description="Untimed runs of each candidate before the first round.")
+    warmup: int = Field(
+        1, ge=0, description="Untimed runs at the start of each candidate's turn (one more in the first round): "
+        "the engine timed before it leaves threads spinning for a while (onnxruntime's pool, OpenMP), which "
+        "would otherwise land on the first timed run.")
     max_spread: float = Field(
         0.15, gt=0, description="Largest interquartile range / median of any candidate in a quiet measurement.")
     max_other_cores: float = Field(
         0.3, ge=0, description="Most CPU (in cores) other processes may use during a quiet measurement.")
     retries: int = Field(2, ge=0, description="Re-measurements after a busy one, each after a pause.")
     pause_s: float = Field(3.0, ge=0)
+    min_sample_ms: float = Field(
+        20.0, ge=0, description="Each sample times enough back-to-back runs to last this long (as timeit's "
+        "autorange does): a run of a few milliseconds alone is dominated by timer and scheduler jitter.")
     noise_floor: float = Field(
         0.03, ge=0, description="Medians closer than this fraction are a tie even when the spread is smaller.")
 
@@ -113,19 +120,25 @@ class OtherLoad:
 
 
 def interleaved(runners: Mapping[str, Callable[[], object]], policy: TimingPolicy) -> dict[str, Timing]:
-    """Time every runner in the same rounds: round r starts at the r-th runner, so none is always first."""
+    """Time every runner in the same rounds: round r starts at the r-th runner, so none is always first;
+    each turn starts with untimed warm-up runs."""
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:
-        for _ in range(policy.warmup):
-            runners[name]()
+    calls: dict[str, int] = {}
     for r in range(policy.rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            for _ in range(policy.per_round):
+            for _ in range(policy.warmup + (r == 0)):
                 start = time.perf_counter()
                 runners[name]()
-                samples[name].append((time.perf_counter() - start) * 1000)
+                once_ms = (time.perf_counter() - start) * 1000
+            if name not in calls:  # sized from the last warm-up run of the first round
+                calls[name] = max(1, math.ceil(policy.min_sample_ms / max(once_ms, 1e-3)))
+            for _ in range(policy.per_round):
+                start = time.perf_counter()
+                for _ in range(calls[name]):
+                    runners[name]()
+                samples[name].append((time.perf_counter() - start) * 1000 / calls[name])
     return {name: Timing(tuple(values)) for name, values in samples.items()}
 
 

@@ -180,13 +180,14 @@ def evaluate(
 
 @app.command()
 def quantize(
-    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
     data: Annotated[Path, typer.Option(help="Task records (.jsonl/.tsv): split into calibration, dev, test.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Our checkpoint (or a Hugging Face folder); with --retune, the version's recorded source.")] = None,
     repo: Annotated[Path, typer.Option(help="The model repository.")] = Path("model_repo"),
     model: Annotated[str, typer.Option(help="Model name in the repository.")] = "default",
     max_drop: Annotated[float, typer.Option(help="Budget: largest metric drop (0.01 = 1 point).")] = 0.01,
     min_cosine: Annotated[float | None, typer.Option(help="Embeddings: lowest mean cosine to FP32.")] = None,
-    mode: Annotated[str, typer.Option(help="auto, dynamic or static INT8.")] = "auto",
+    mode: Annotated[str, typer.Option(help="auto, dynamic, static or blockwise INT8.")] = "auto",
     calibration_method: Annotated[str, typer.Option(help="minmax, percentile or entropy (static).")] = "minmax",
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
     sequence_length: int = 128,
@@ -195,11 +196,19 @@ def quantize(
     max_perplexity_increase: Annotated[float, typer.Option(
         help="Generators: largest relative perplexity increase on held-out text (0.02 = 2%).")] = 0.02,
     batch_invariant: Annotated[bool, typer.Option(
-        help="Generators: admit only INT8 forms whose rows do not depend on batch-mates.")] = True,
+        help="Admit only INT8 forms whose outputs do not depend on batch-mates (--no-batch-invariant admits "
+             "dynamic INT8 and says so in the report and the model's metadata).")] = True,
+    min_batch_cosine: Annotated[float, typer.Option(
+        help="Encoders: the batch-invariance tolerance, the lowest cosine of an output alone vs inside a "
+             "batch.")] = 0.9999,
     matching_metric: Annotated[str, typer.Option(
         help="Matching: spearman_vs_fp32, or retrieval (accuracy@1 finding text_b from text_a and back; "
              "for translation pairs).")] = "spearman_vs_fp32",
     max_examples: Annotated[int, typer.Option(help="Records in each of calibration, dev and test.")] = 256,
+    retune: Annotated[bool, typer.Option(
+        help="Re-measure the model's newest version on this machine: SAMP again from its recorded source "
+             "checkpoint with its recorded budget (max drop, cosine floors, metric), published as a new "
+             "version whose report records this machine.")] = False,
 ) -> None:
     """SAMP: measure every unit's INT8 sensitivity, pick the fastest plan within the budget, verify
     it, and publish it as the next version in the repository with its report. For a generator (an
@@ -212,14 +221,27 @@ def quantize(
     from training.data.tasks import read_records
     from training.jobs import load_any
 
-    loaded = load_any(checkpoint)
     settings: SampSettings | DecoderSampSettings
+    if retune:
+        from quantizer.publish import retune_source
+
+        source, settings = retune_source(repo / model)
+        settings = settings.model_copy(update={"threads": threads, "max_examples": max_examples,
+                                               "timing": TimingPolicy(rounds=rounds)})
+        console.print(f"re-tuning {model} from {source} with its recorded budget {settings.max_drop}")
+        quantize_and_publish(load_any(checkpoint or source), read_records(data), settings, repo, model, console)
+        return
+    if checkpoint is None:
+        raise typer.BadParameter("name the checkpoint to quantize (or re-tune a published model with --retune)",
+                                 param_hint="--checkpoint")
+    loaded = load_any(checkpoint)
     if loaded.config.target.name == "lm":
         settings = DecoderSampSettings(min_agreement=1.0 - max_drop, max_perplexity_increase=max_perplexity_increase,
                                        batch_invariant=batch_invariant, threads=threads,
                                        timing=TimingPolicy(rounds=rounds, per_round=5, warmup=1))
     else:
         settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
+                                min_batch_cosine=min_batch_cosine if batch_invariant else None,
                                 calibration_method=calibration_method, threads=threads,
                                 sequence_length=sequence_length, timing=TimingPolicy(rounds=rounds),
                                 matching_metric=matching_metric, max_examples=max_examples)

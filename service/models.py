@@ -48,23 +48,28 @@ MAX_RETRY_S = 3600.0
 
 @dataclass(frozen=True)
 class Tuning:
-    """The machine a version's plan was measured on, and why this host may not match it."""
+    """What the publisher recorded about a version's plan: the machine it was measured on (and why this
+    host may not match it) and whether its outputs depend on batch-mates."""
 
     tuned_on: HostInfo | None
     warning: str
     """Non-empty when the host's INT8 instruction class differs from the recorded one."""
+    batch_invariance: dict | None = None
+    """{"invariant", "batch_cosine", "required"} as SAMP measured them; None when not recorded."""
 
     @classmethod
     def of(cls, metadata: dict, host: HostInfo) -> Tuning:
         recorded = metadata.get("provenance")
         tuned_on = HostInfo.model_validate(recorded) if isinstance(recorded, dict) else None
-        return cls(tuned_on, mismatch(tuned_on, host))
+        invariance = metadata.get("batch_invariance")
+        return cls(tuned_on, mismatch(tuned_on, host), invariance if isinstance(invariance, dict) else None)
 
     def parameters(self) -> dict:
-        """The metadata parameters clients see: where the plan was tuned and any warning."""
+        """The metadata parameters clients see: where the plan was tuned, any warning, batch invariance."""
         recorded = self.tuned_on
         return {"tuned_on": None if recorded is None else f"{recorded.cpu} ({recorded.int8_class}, onnxruntime "
-                f"{recorded.onnxruntime}, {recorded.threads} threads)", "tuning_warning": self.warning}
+                f"{recorded.onnxruntime}, {recorded.threads} threads)", "tuning_warning": self.warning,
+                "batch_invariance": self.batch_invariance}
 
 
 @dataclass

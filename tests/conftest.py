@@ -83,7 +83,7 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
 
 FAST = {"latency_batches": (1,), "timing": {"rounds": 2, "per_round": 1, "retries": 0}, "sequence_length": 32,
         "max_examples": 48,
-        "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "dynamic"}
+        "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "blockwise"}
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,15 @@
 """SAMP end to end on real (small) models: measure, search, verify, report, publish, load back."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from quantizer.publish import publish_result
-from quantizer.samp import Samp
+from quantizer.samp import FORMS, Samp
 from quantizer.schemas import SampSettings
 from quantizer.torch_module import load
 from service.provenance import host_info
@@ -94,6 +96,70 @@ def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(cla
     assert publish_result(samp, result, tmp_path / "repo", "topics")[0].name == "2"
 
 
+def test_the_default_plan_is_batch_invariant_and_measured_so(classifier_run):
+    _, result = classifier_run
+    report = result.report
+    assert report.budget["min_batch_cosine"] == 0.9999
+    # every form was measured; whichever was chosen met the tolerance (tiny-bert's dynamic form may: what
+    # is measured decides, not the form's name)
+    assert "all-INT8 at batch 4:" in report.notes[0] and report.notes[0].count("batch cosine") == 3
+    for candidate in report.candidates:
+        assert candidate.batch_cosine is not None and candidate.batch_cosine <= 1.0 + 1e-9
+    chosen = next(c for c in report.candidates if c.name == "samp")
+    assert chosen.batch_invariant and chosen.batch_cosine >= 0.9999
+    assert "Batch-invariant: yes" in report.verdict
+
+
+def test_dynamic_int8_depends_on_batch_mates_and_the_other_forms_do_not(minilm_checkpoint, topics_data, tmp_path):
+    """On a real model (all-MiniLM-L6-v2) one activation scale per batch moves an output measurably."""
+    settings = SampSettings(**{**FAST, "max_examples": 48})
+    samp = Samp(load_checkpoint(minilm_checkpoint), read_records(topics_data / "dev.jsonl"), settings,
+                workdir=tmp_path)
+    everything = frozenset(u.name for u in samp.units)
+    checks = {form: samp.batch_check(samp.build(everything, form)) for form in FORMS}
+    assert checks["dynamic"][0] < 0.999 and not checks["dynamic"][1], checks
+    for form in ("static", "blockwise"):
+        assert checks[form][0] >= 0.99999 and checks[form][1], checks
+    assert samp.batch_check(samp.info.path)[1]  # FP32 itself
+
+
+def test_a_form_outside_the_tolerance_is_refused_unless_the_user_relaxes_it(tiny_embedder, topics_data, tmp_path):
+    checkpoint, records = load_checkpoint(tiny_embedder), read_records(topics_data / "dev.jsonl")
+    fast = {**FAST, "mode": "dynamic"}
+    strict = Samp(checkpoint, records, SampSettings(max_drop=0.05, min_batch_cosine=1.0, **fast),
+                  workdir=tmp_path / "a").run().report
+    full = next(c for c in strict.candidates if c.name == "all-int8")
+    assert full.batch_cosine < 1.0 and not full.batch_invariant
+    assert strict.verdict.startswith("No INT8 form keeps") and next(
+        c for c in strict.candidates if c.name == "samp").int8 == []
+    samp = Samp(checkpoint, records, SampSettings(max_drop=0.05, min_batch_cosine=None, **fast), workdir=tmp_path / "b")
+    relaxed = samp.run()
+    chosen = next(c for c in relaxed.report.candidates if c.name == "samp")
+    assert not relaxed.report.verdict.startswith("No INT8 form keeps") and "not required" in relaxed.report.verdict
+    assert any("not required" in note for note in relaxed.report.notes)
+    version, _ = publish_result(samp, relaxed, tmp_path / "repo", "emb")
+    invariance = verify(version).metadata["batch_invariance"]
+    assert invariance["required"] is None and invariance["batch_cosine"] == chosen.batch_cosine  # shown to clients
+
+
+def test_retune_quantizes_a_published_version_again_here_as_a_new_version(classifier_run, tmp_path, topics_data):
+    samp, result = classifier_run
+    repo = tmp_path / "repo"
+    publish_result(samp, result, repo, "topics")
+    done = subprocess.run(
+        [sys.executable, "-m", "sampserve.cli", "quantize", "--retune", "--repo", str(repo), "--model", "topics",
+         "--data", str(topics_data / "dev.jsonl"), "--threads", "1", "--rounds", "2", "--max-examples", "48"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list_versions(repo / "topics") == [1, 2]
+    first, second = (json.loads((repo / "topics" / v / "samp_report.json").read_text()) for v in ("1", "2"))
+    assert second["budget"] == first["budget"] and second["provenance"]["threads"] == 1
+    assert verify(repo / "topics" / "2").metadata["source"] == str(samp.checkpoint.path)
+    refused = subprocess.run([sys.executable, "-m", "sampserve.cli", "quantize", "--repo", str(repo), "--data",
+                              str(topics_data / "dev.jsonl")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--checkpoint" in refused.stderr  # neither a checkpoint nor --retune
+
+
 def test_impossible_budget_gives_the_fp32_plan_said_plainly(tiny_embedder, topics_data, tmp_path):
     checkpoint = load_checkpoint(tiny_embedder)
     settings = SampSettings(max_drop=0.0, min_cosine=1.0, **FAST)
@@ -106,7 +172,7 @@ def test_impossible_budget_gives_the_fp32_plan_said_plainly(tiny_embedder, topic
 
 def test_matching_plan_keeps_embedding_cosine(tiny_embedder, topics_data, tmp_path):
     checkpoint = load_checkpoint(tiny_embedder)
-    settings = SampSettings(max_drop=0.01, min_cosine=0.99, mode="dynamic", **FAST)
+    settings = SampSettings(max_drop=0.01, min_cosine=0.99, mode="dynamic", min_batch_cosine=None, **FAST)
     result = Samp(checkpoint, read_records(topics_data / "dev.jsonl"), settings, workdir=tmp_path).run()
     chosen = next(c for c in result.report.candidates if c.name == "samp")
     assert chosen.dev_cosine is not None and chosen.dev_cosine >= 0.99
@@ -116,12 +182,11 @@ def test_matching_plan_keeps_embedding_cosine(tiny_embedder, topics_data, tmp_pa
 @pytest.mark.slow
 def test_minilm_plan_keeps_one_point_on_dev_and_unseen_test(minilm_checkpoint, topics_data, tmp_path):
     """The acceptance run at small scale: all-MiniLM-L6-v2, Spearman of pair scores vs FP32."""
-    settings = SampSettings(max_drop=0.01, mode="dynamic", latency_batches=(1, 8), max_examples=128,
-                            max_candidates=3)
+    settings = SampSettings(max_drop=0.01, latency_batches=(1, 8), max_examples=128, max_candidates=3)
     result = Samp(load_checkpoint(minilm_checkpoint), read_records(topics_data / "train.jsonl"), settings,
                   workdir=tmp_path).run()
     chosen = next(c for c in result.report.candidates if c.name == "samp")
-    assert chosen.int8 != []
+    assert chosen.int8 != [] and chosen.batch_invariant  # the default: INT8 that does not depend on batch-mates
     assert 1.0 - chosen.dev_metric <= 0.01 and 1.0 - chosen.test_metric <= 0.01
     timing = result.report.timing
     assert timing is not None

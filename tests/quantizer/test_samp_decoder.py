@@ -11,7 +11,8 @@ import torch
 from quantizer.decoder_export import OrtDecoder
 from quantizer.engines import ort_session
 from service.generation.cache import left_pad
-from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings, build_blockwise
+from quantizer.quantize import apply_plan
+from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from quantizer.timing import TimingPolicy
 from tests.tiny_llama import tiny_llama
 from training.data.gettext_topics import load_gettext_topics
@@ -50,11 +51,12 @@ def test_sensitivity_finds_the_unit_with_massive_activations(samp):
 
 
 def test_blockwise_builds_only_the_chosen_units_and_is_batch_invariant(samp, tmp_path):
-    path = build_blockwise(samp.info.path, tmp_path / "b.onnx", samp.units, {"head", "layer0.ffn_in"})
+    path = apply_plan(samp.info.path, tmp_path / "b.onnx", samp.units, {"head", "layer0.ffn_in"}, "blockwise")
     graph = onnx.load(str(path)).graph
     nbits = sorted(n.name for n in graph.node if n.op_type == "MatMulNBits")
     assert nbits == sorted(f"{n}_Q8" for u in samp.units if u.name in {"head", "layer0.ffn_in"} for n in u.nodes)
-    everything = build_blockwise(samp.info.path, tmp_path / "all.onnx", samp.units, {u.name for u in samp.units})
+    everything = apply_plan(samp.info.path, tmp_path / "all.onnx", samp.units, {u.name for u in samp.units},
+                            "blockwise")
     assert samp.batch_invariant(everything)
 
 

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from quantizer.samp import Samp, choose_mode
+from quantizer.samp import Samp, choose_form
 from quantizer.schemas import SampSettings
 from quantizer.timing import OtherLoad, Timing, TimingPolicy, clearly_faster, interleaved, measure
 from training.checkpoint import load_checkpoint
 from training.data.tasks import read_records
 
-POLICY = TimingPolicy(rounds=3, per_round=2, warmup=1, max_spread=0.15, max_other_cores=0.3, retries=2, pause_s=0.5)
+POLICY = TimingPolicy(rounds=3, per_round=2, warmup=1, max_spread=0.15, max_other_cores=0.3, retries=2, pause_s=0.5,
+                      min_sample_ms=0)
 
 
 def steady(ms: float) -> Timing:
@@ -27,15 +28,27 @@ def bursty(ms: float) -> Timing:
     return Timing((ms, ms * 3.1, ms, ms * 2.4, ms * 1.02, ms * 2.9))
 
 
-def test_rounds_rotate_the_order_and_count_every_run() -> None:
+def test_rounds_rotate_the_order_warm_each_turn_and_count_every_run() -> None:
     calls: list[str] = []
     runners = {name: (lambda n=name: calls.append(n)) for name in "abc"}
     timings = interleaved(runners, POLICY)
-    assert calls[:3] == ["a", "b", "c"]  # warm-up, once each
-    timed = calls[3:]
-    firsts = [timed[i * 6] for i in range(3)]  # each round starts with a different runner
-    assert firsts == ["a", "b", "c"]
+    # round 0: a turn is 2 warm-up + 2 timed runs; later rounds 1 + 2
+    assert calls[:12] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert calls[12:21] == ["b"] * 3 + ["c"] * 3 + ["a"] * 3  # each round starts with a different runner
+    assert calls[21:] == ["c"] * 3 + ["a"] * 3 + ["b"] * 3
     assert all(len(t.samples_ms) == 6 for t in timings.values())
+
+
+def test_a_short_run_is_repeated_within_each_sample() -> None:
+    counts = {"fast": 0}
+
+    def fast() -> None:
+        counts["fast"] += 1
+        time.sleep(0.001)
+
+    timings = interleaved({"fast": fast}, POLICY.model_copy(update={"min_sample_ms": 10.0}))
+    assert counts["fast"] >= 2 + 6 * 5  # warm-ups, then 6 samples of several ~1 ms runs each
+    assert all(0.9 < ms < 5 for ms in timings["fast"].samples_ms)  # per run, not per sample
 
 
 def test_a_busy_measurement_is_retried_and_a_quiet_one_accepted() -> None:
@@ -52,7 +65,7 @@ def test_a_machine_that_stays_busy_is_reported_not_hidden() -> None:
     def attempt():
         return {"torch": bursty(30), "int8": steady(10)}, 1.9
 
-    timings, quiet = measure({}, POLICY, attempt=attempt, sleep=lambda s: None)
+    _, quiet = measure({}, POLICY, attempt=attempt, sleep=lambda s: None)
     assert not quiet.quiet and quiet.attempts == 3
     assert "torch varied by" in quiet.reason and "other processes used 1.90 cores" in quiet.reason
     # steady but slowed by a competitor: the load alone says busy
@@ -64,9 +77,12 @@ def test_differences_within_the_noise_are_ties_broken_towards_the_batch_invarian
     assert clearly_faster(steady(10), steady(13), POLICY)
     assert not clearly_faster(steady(10), steady(10.2), POLICY)  # under the 3% floor
     assert not clearly_faster(steady(10), bursty(13), POLICY)  # 23% faster, but the other varied more than that
-    assert choose_mode({"dynamic": steady(10), "static": steady(13)}, POLICY)[0] == "dynamic"
-    mode, why = choose_mode({"dynamic": steady(10), "static": steady(10.2)}, POLICY)
+    # forms ranked most batch-invariant first: a later one must be clearly faster to displace it
+    ranked = ["static", "dynamic"]
+    assert choose_form({"dynamic": steady(10), "static": steady(13)}, ranked, POLICY)[0] == "dynamic"
+    mode, why = choose_form({"dynamic": steady(10), "static": steady(10.2)}, ranked, POLICY)
     assert mode == "static" and "batch-mates" in why
+    assert choose_form({"blockwise": steady(50), "static": steady(20)}, ["blockwise", "static"], POLICY)[0] == "static"
 
 
 def _burner(seconds: float) -> subprocess.Popen:
@@ -88,7 +104,7 @@ def test_other_processes_cpu_is_seen() -> None:
 def test_samp_beside_a_busy_core_publishes_no_speed_ratio(tiny_classifier, topics_data, tmp_path) -> None:
     """A real run while another process spins: the report says the machine was busy and gives no ratio."""
     settings = SampSettings(max_drop=0.05, latency_batches=(1, 4), sequence_length=32, max_examples=48,
-                            calibration_batches=2, threads=1, max_candidates=2, mode="dynamic",
+                            calibration_batches=2, threads=1, max_candidates=2, mode="blockwise",
                             timing={"rounds": 2, "per_round": 2, "retries": 1, "pause_s": 0.2,
                                     "max_other_cores": 0.3})
     samp = Samp(load_checkpoint(tiny_classifier), read_records(topics_data / "dev.jsonl"), settings,
