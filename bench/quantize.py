@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from bench.docs import machine, write_section  # noqa: E402
 from quantizer.report import print_table  # noqa: E402
 from quantizer.samp import Samp  # noqa: E402
-from quantizer.schemas import SampReport, SampSettings  # noqa: E402
-from quantizer.timing import TimingPolicy  # noqa: E402
+from quantizer.schemas import SampReport, SampResult, SampSettings  # noqa: E402
+from quantizer.timing import TORCH, TimingPolicy  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.gettext_topics import load_gettext_topics, split, write_jsonl  # noqa: E402
 from training.data.tasks import read_records  # noqa: E402
@@ -68,6 +68,36 @@ def markdown(title: str, report: SampReport) -> str:
     return f"### {title}\n\n" + "\n".join(rows) + "\n\n" + notes + "\n"
 
 
+def stock_dynamic(samp: Samp, out: Path) -> Path:
+    """The peer a user reaches for first: onnxruntime's quantize_dynamic with its defaults on the same export."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(samp.info.path), str(out))
+    return out
+
+
+def peers(title: str, samp: Samp, result: SampResult) -> str:
+    """The chosen SAMP plan beside the peers' presets on the same FP32 export, dev/test data and batch
+    check, all timed in one interleaved measurement with PyTorch eager at batch 32 x 128."""
+    plans = {"SAMP (chosen)": result.model_path, "onnxruntime quantize_dynamic (defaults)":
+             stock_dynamic(samp, samp.workdir / "stock-dynamic.onnx"), "FP32 onnxruntime": samp.info.path}
+    batch = max(samp.settings.latency_batches)
+    timings, quiet = samp.time_plans({TORCH: None, **plans}, batch)
+    fp32 = samp.fp32_metric
+    rows = [f"#### {title}: SAMP and the peers (batch {batch}, one interleaved measurement)", "",
+            f"| plan | dev {result.report.metric} | test | batch cosine (alone vs batched) | b{batch} ms | vs torch |",
+            "|---|---|---|---|---|---|"]
+    for name, path in plans.items():
+        (dev, _), (test, _) = samp.metric(path), samp.metric(path, "test")
+        cosine, _ = samp.batch_check(path)
+        ratio = f"{timings[TORCH].median_ms / timings[name].median_ms:.2f}x" if quiet.quiet else "busy"
+        rows.append(f"| {name} | {dev:.4f} ({dev - fp32['dev']:+.4f}) | {test:.4f} ({test - fp32['test']:+.4f}) | "
+                    f"{cosine:.6f} | {timings[name].median_ms:.1f} | {ratio} |")
+    if not quiet.quiet:
+        rows += ["", f"Timing: BUSY ({quiet.reason}); no ratios."]
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-drop", type=float, default=0.01)
@@ -87,20 +117,24 @@ def main() -> None:
 
     sections = []
     console.rule("all-MiniLM-L6-v2 (matching)")
-    report = Samp(minilm, train, settings, workdir=work / "samp-minilm").run().report
-    print_table(report, console)
-    sections.append(markdown("all-MiniLM-L6-v2, matching (Spearman of pair cosine scores vs FP32)", report))
+    samp = Samp(minilm, train, settings, workdir=work / "samp-minilm")
+    result = samp.run()
+    print_table(result.report, console)
+    sections.append(markdown("all-MiniLM-L6-v2, matching (Spearman of pair cosine scores vs FP32)", result.report))
+    sections.append(peers("all-MiniLM-L6-v2", samp, result))
 
     console.rule("MiniLM classifier (gettext topics)")
     run_training(TrainJob(data=work / "train.jsonl", dev=work / "dev.jsonl", out_dir=work / "cls",
                           init_from=work / "minilm", target="cls"),
                  TrainSettings(batch_size=16, max_steps=150, lr=3e-4, max_length=128))
     classifier = load_checkpoint(work / "cls")
-    report = Samp(classifier, read_records(work / "dev.jsonl") + read_records(work / "test.jsonl"), settings,
-                  workdir=work / "samp-cls").run().report
-    print_table(report, console)
+    samp = Samp(classifier, read_records(work / "dev.jsonl") + read_records(work / "test.jsonl"), settings,
+                 workdir=work / "samp-cls")
+    result = samp.run()
+    print_table(result.report, console)
     sections.append(markdown("MiniLM fine-tuned on the gettext topics, classification (accuracy, 7 topics)",
-                             report))
+                             result.report))
+    sections.append(peers("MiniLM classifier", samp, result))
 
     header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "

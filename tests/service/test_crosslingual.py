@@ -53,7 +53,8 @@ def student_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp / "repo"
     samp = SampSettings(max_drop=0.02, matching_metric="retrieval", max_examples=60, max_candidates=2,
                         timing={"rounds": 1, "retries": 0},
-                        latency_batches=(1, 8), sequence_length=32)
+                        latency_batches=(1, 8), sequence_length=32, mode="dynamic", min_batch_cosine=None)
+    # dynamic INT8: this test is about serving the languages; batch invariance has its own test
     quantize_and_publish(student, records, samp, repo, "xl", Console(quiet=True))
     return repo
 

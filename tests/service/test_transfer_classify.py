@@ -48,7 +48,9 @@ def transfer_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     assert metrics["accuracy"]["de"] > 0.3, metrics["accuracy"]  # English-only training transferred
     samp = SampSettings(max_drop=0.03, max_examples=80, max_candidates=2,
                         timing={"rounds": 1, "retries": 0}, latency_batches=(1, 8),
-                        sequence_length=32, mode="dynamic")
+                        sequence_length=32, mode="dynamic", min_batch_cosine=None)
+    # dynamic INT8 as before: this test is about serving the languages (batch invariance has its own,
+    # tests/service/test_batch_invariance.py), and dynamic needs no calibration pass per unit
     repo = tmp / "repo"
     quantize_and_publish(load_checkpoint(tmp / "run"), records, samp, repo, "xl-topics", Console(quiet=True))
     return repo, metrics
