@@ -13,6 +13,7 @@ noise are ties, which the caller breaks by accuracy and batch invariance, not by
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -37,9 +38,10 @@ class TimingPolicy(BaseModel):
     rounds: int = Field(5, ge=1, description="Round-robin rounds over all candidates.")
     per_round: int = Field(2, ge=1, description="Timed runs of each candidate per round.")
     warmup: int = Field(
-        1, ge=0, description="Untimed runs at the start of each candidate's turn (one more in the first round): "
-        "the engine timed before it leaves threads spinning for a while (onnxruntime's pool, OpenMP), which "
-        "would otherwise land on the first timed run.")
+        1, ge=0, description="Untimed runs at the start of each candidate's turn (one more in the first round), "
+        "and at least warmup_ms of them: the engine timed before leaves threads spinning for a while "
+        "(onnxruntime's pool, OpenMP), which would otherwise land on the first timed runs.")
+    warmup_ms: float = Field(100.0, ge=0, description="Shortest warm-up at each turn, in milliseconds.")
     max_spread: float = Field(
         0.15, gt=0, description="Largest interquartile range / median of any candidate in a quiet measurement.")
     max_other_cores: float = Field(
@@ -47,7 +49,7 @@ class TimingPolicy(BaseModel):
     retries: int = Field(2, ge=0, description="Re-measurements after a busy one, each after a pause.")
     pause_s: float = Field(3.0, ge=0)
     min_sample_ms: float = Field(
-        20.0, ge=0, description="Each sample times enough back-to-back runs to last this long (as timeit's "
+        50.0, ge=0, description="Each sample times enough back-to-back runs to last this long (as timeit's "
         "autorange does): a run of a few milliseconds alone is dominated by timer and scheduler jitter.")
     noise_floor: float = Field(
         0.03, ge=0, description="Medians closer than this fraction are a tie even when the spread is smaller.")
@@ -125,13 +127,27 @@ def interleaved(runners: Mapping[str, Callable[[], object]], policy: TimingPolic
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}
     calls: dict[str, int] = {}
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collection pass inside a sample is jitter, not the engine's time
+    try:
+        _rounds(runners, names, policy, samples, calls)
+    finally:
+        if collecting:
+            gc.enable()
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+def _rounds(runners: Mapping[str, Callable[[], object]], names: list[str], policy: TimingPolicy,
+            samples: dict[str, list[float]], calls: dict[str, int]) -> None:
     for r in range(policy.rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            for _ in range(policy.warmup + (r == 0)):
+            warm_start, runs = time.perf_counter(), 0
+            while runs < policy.warmup + (r == 0) or (time.perf_counter() - warm_start) * 1000 < policy.warmup_ms:
                 start = time.perf_counter()
                 runners[name]()
                 once_ms = (time.perf_counter() - start) * 1000
+                runs += 1
             if name not in calls:  # sized from the last warm-up run of the first round
                 calls[name] = max(1, math.ceil(policy.min_sample_ms / max(once_ms, 1e-3)))
             for _ in range(policy.per_round):
@@ -139,7 +155,6 @@ def interleaved(runners: Mapping[str, Callable[[], object]], policy: TimingPolic
                 for _ in range(calls[name]):
                     runners[name]()
                 samples[name].append((time.perf_counter() - start) * 1000 / calls[name])
-    return {name: Timing(tuple(values)) for name, values in samples.items()}
 
 
 def busy_reason(timings: Mapping[str, Timing], other_cores: float | None, policy: TimingPolicy) -> str:

@@ -37,7 +37,6 @@ from quantizer.publish import publish_result, served_task
 from quantizer.report import print_table
 from quantizer.samp import Samp
 from quantizer.schemas import SampSettings
-from quantizer.timing import TimingPolicy
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.cli_flags import describe_error
 from service.repository import list_versions
@@ -105,7 +104,7 @@ def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
     console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
                   f"max_abs_diff={diff:.3g}")
     records = load_gettext_topics(max_per_topic=300, seed=0)
-    settings = SampSettings(max_drop=0.01, max_examples=128, timing=TimingPolicy(rounds=3), max_candidates=4)
+    settings = SampSettings(max_drop=0.01, max_examples=128, max_candidates=4)
     if needs_version(repo / DEFAULT_MODEL, rebuild, console):
         quantize_and_publish(checkpoint, records, settings, repo, DEFAULT_MODEL, console)
     if needs_version(repo / DEFAULT_CLASSIFIER, rebuild, console):
@@ -151,7 +150,7 @@ def build_crosslingual(workdir: Path, repo: Path, rebuild: bool, console: Consol
     dev = read_pairs(data / "dev.jsonl", settings.languages, 100, sample_seed=0)
     records = [{"text_a": en, "text_b": x} for en, x in zip(dev.en, dev.x, strict=True)]
     samp = SampSettings(max_drop=0.01, matching_metric="retrieval", max_examples=len(records) // 3,
-                        timing=TimingPolicy(rounds=3), max_candidates=4)
+                        max_candidates=4)
     quantize_and_publish(student, records, samp, repo, DEFAULT_CROSSLINGUAL, console)
 
 
@@ -183,7 +182,7 @@ def build_transfer(workdir: Path, repo: Path, rebuild: bool, console: Console) -
     records = read_jsonl(data / "dev.jsonl")
     for path in sorted(data.glob("dev.*.jsonl")):
         records += read_jsonl(path)[:TRANSFER_DEV_PER_LANGUAGE]
-    samp = SampSettings(max_drop=0.01, max_examples=len(records) // 3, timing=TimingPolicy(rounds=3), max_candidates=4)
+    samp = SampSettings(max_drop=0.01, max_examples=len(records) // 3, max_candidates=4)
     quantize_and_publish(load_checkpoint(workdir / DEFAULT_TRANSFER), records, samp, repo, DEFAULT_TRANSFER, console)
 
 

@@ -16,7 +16,7 @@ from training.checkpoint import load_checkpoint
 from training.data.tasks import read_records
 
 POLICY = TimingPolicy(rounds=3, per_round=2, warmup=1, max_spread=0.15, max_other_cores=0.3, retries=2, pause_s=0.5,
-                      min_sample_ms=0)
+                      min_sample_ms=0, warmup_ms=0)
 
 
 def steady(ms: float) -> Timing:
