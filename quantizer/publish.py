@@ -8,6 +8,7 @@ from the model's committed config.json.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
@@ -136,7 +137,8 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
         files[TENSORRT_FILE] = build_tensorrt_engine(result.model_path, work / TENSORRT_FILE)
     else:
         notes.append(reason)
-    metadata = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict, "mode": result.report.mode}
+    metadata: dict[str, Any] = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict,
+                                "mode": result.report.mode}
     if result.report.provenance is not None:  # the server compares it with the host it runs on
         metadata["provenance"] = result.report.provenance.model_dump()
     chosen = next(c for c in result.report.candidates if c.name == result.report.chosen)

@@ -10,6 +10,7 @@ the machine they were taken on (``service.provenance``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import tempfile
 from collections.abc import Callable
@@ -112,7 +113,7 @@ class Samp:
         for name, path in paths.items():
             run = (torch_runner(self.checkpoint.model, self.info.input_names) if path is None
                    else session_runner(ort_session(path, self.settings.threads)))
-            runners[name] = lambda run=run: run(feed)
+            runners[name] = functools.partial(run, feed)
         return measure(runners, self.settings.timing)
 
     def batch_check(self, path: Path) -> tuple[float, bool]:

@@ -20,6 +20,7 @@ judged by next-token agreement with FP32 instead of a task metric.
 
 from __future__ import annotations
 
+import functools
 import random
 import tempfile
 from collections.abc import Callable
@@ -64,7 +65,7 @@ class DecoderSampSettings(BaseModel):
     sensitivity_sequences: int = Field(
         8, ge=1, description="Dev sequences of the per-unit pass (each unit costs a forward over them).")
     threads: int | None = Field(None, ge=1)
-    timing: TimingPolicy = Field(default_factory=lambda: TimingPolicy(rounds=3, per_round=5, warmup=1),
+    timing: TimingPolicy = Field(default_factory=lambda: TimingPolicy(rounds=3, per_round=2),
                                  description="Decode steps timed interleaved, with the quietness check.")
     latency_batches: tuple[int, ...] = (1, 8)
 
@@ -266,7 +267,7 @@ class DecoderSamp:
                 continue
             decoder = self._decoder(path)
             cache = decoder.run(ids, mask, None)[1]
-            runners[name] = lambda d=decoder, c=cache: d.run(ids[:, -1:], step_mask, c)
+            runners[name] = functools.partial(decoder.run, ids[:, -1:], step_mask, cache)
         timings, quiet = measure(runners, self.settings.timing)
         return {name: t.median_ms for name, t in timings.items()}, quiet
 

@@ -46,7 +46,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
         text = CPUINFO.read_text()
     except OSError:
         return platform.processor() or platform.machine(), set()
-    name, flags = "", set()
+    name, flags = "", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

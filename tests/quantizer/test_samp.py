@@ -17,8 +17,9 @@ from service.repository import list_versions, load_model_config, verify
 from training.checkpoint import load_checkpoint
 from training.data.tasks import read_records
 from training.tokenization import configured, encode
+from tests.conftest import QUICK_TIMING
 
-FAST = {"latency_batches": (1, 4), "timing": {"rounds": 2, "per_round": 1, "retries": 0}, "sequence_length": 32,
+FAST = {"latency_batches": (1, 4), "timing": QUICK_TIMING, "sequence_length": 32,
         "max_examples": 96,
         "calibration_batches": 2, "threads": 1, "max_candidates": 4}
 

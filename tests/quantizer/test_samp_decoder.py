@@ -13,13 +13,13 @@ from quantizer.engines import ort_session
 from service.generation.cache import left_pad
 from quantizer.quantize import apply_plan
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
-from quantizer.timing import TimingPolicy
 from tests.tiny_llama import tiny_llama
 from training.data.gettext_topics import load_gettext_topics
+from tests.conftest import QUICK_TIMING
 
 SETTINGS = DecoderSampSettings(sequences=8, length=32, min_agreement=0.9, max_perplexity_increase=0.05,
                                batch_invariant=False,
-                               timing=TimingPolicy(rounds=2, per_round=2, warmup=1))
+                               timing=QUICK_TIMING)
 
 
 @pytest.fixture(scope="module")

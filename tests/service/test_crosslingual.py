@@ -22,6 +22,7 @@ from training.checkpoint import load_checkpoint
 from training.crosslingual.distill import DistillSettings, StageSettings, distill, ensure_checkpoint
 from training.crosslingual.student import StudentShape
 from training.data.gettext_parallel import load_pairs, split_by_program, write_splits
+from tests.conftest import QUICK_TIMING
 
 ENGLISH = "The file could not be opened."
 GERMAN = "Die Datei konnte nicht geöffnet werden."
@@ -52,7 +53,7 @@ def student_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = [{"text_a": row["en"], "text_b": row["x"]} for row in map(json.loads, dev)]
     repo = tmp / "repo"
     samp = SampSettings(max_drop=0.02, matching_metric="retrieval", max_examples=60, max_candidates=2,
-                        timing={"rounds": 1, "retries": 0},
+                        timing=QUICK_TIMING,
                         latency_batches=(1, 8), sequence_length=32, mode="dynamic", min_batch_cosine=None)
     # dynamic INT8: this test is about serving the languages; batch invariance has its own test
     quantize_and_publish(student, records, samp, repo, "xl", Console(quiet=True))

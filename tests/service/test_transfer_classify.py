@@ -21,6 +21,7 @@ from training.crosslingual.distill import ensure_checkpoint
 from training.crosslingual.ear import EarSettings, train_ear
 from training.crosslingual.student import StudentShape, build_student
 from training.crosslingual.transfer_data import TransferData, build_transfer_data, read_jsonl
+from tests.conftest import QUICK_TIMING
 
 LAYERS = 4
 GERMAN_MESSAGES = 200
@@ -47,7 +48,7 @@ def transfer_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     records = read_jsonl(data / "dev.jsonl")[:150] + read_jsonl(data / "dev.de.jsonl")[:90]
     assert metrics["accuracy"]["de"] > 0.3, metrics["accuracy"]  # English-only training transferred
     samp = SampSettings(max_drop=0.03, max_examples=80, max_candidates=2,
-                        timing={"rounds": 1, "retries": 0}, latency_batches=(1, 8),
+                        timing=QUICK_TIMING, latency_batches=(1, 8),
                         sequence_length=32, mode="dynamic", min_batch_cosine=None)
     # dynamic INT8 as before: this test is about serving the languages (batch invariance has its own,
     # tests/service/test_batch_invariance.py), and dynamic needs no calibration pass per unit
