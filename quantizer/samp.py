@@ -72,6 +72,7 @@ class Samp:
         }
         self.is_embedding = self.info.output_name == "embeddings"
         self._built: dict[tuple[str, frozenset[str]], Path] = {}
+        self._batch_checks: dict[Path, tuple[float, bool]] = {}
         self._plan_ids = itertools.count()  # file names never reused, though plans are discarded
 
     # -- building and measuring plans -------------------------------------------------------
@@ -119,12 +120,16 @@ class Samp:
     def batch_check(self, path: Path) -> tuple[float, bool]:
         """The lowest cosine between a dev text's output alone and inside a batch of mixed lengths, and
         whether that is batch-invariant (the tolerance met; for classification also the same top-1)."""
+        if path in self._batch_checks:  # the all-INT8 graph is checked when choosing the form and as a candidate
+            return self._batch_checks[path]
         run = session_runner(ort_session(path, self.settings.threads))
         alone, together = run_batched(run, self.data.alone), run_batched(run, self.data.together)
         cosine = float(cosine_rows(alone, together).min())
         same_top1 = self.checkpoint.head.task != "classification" or bool(
             (alone.argmax(-1) == together.argmax(-1)).all())
-        return cosine, cosine >= (self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE) and same_top1
+        self._batch_checks[path] = (cosine, cosine >= (self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE)
+                                    and same_top1)
+        return self._batch_checks[path]
 
     def _choose_form(self, everything: frozenset[str], notes: list[str]) -> tuple[str, float, bool]:
         """The INT8 form (mode) the plan uses, the FP32 -> all-INT8 saving at the largest batch that the
