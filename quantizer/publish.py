@@ -12,6 +12,7 @@ from typing import Any
 
 from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
+from quantizer.quantize import apply_plan
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp
 from quantizer.schemas import DEFAULT_BATCH_COSINE, SampReport, SampResult, SampSettings
@@ -133,8 +134,14 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     available, reason = tensorrt_available()
     if isinstance(samp, DecoderSamp):
         notes.append("TensorRT engine skipped: generators are served by onnxruntime with a KV cache")
-    elif available:
-        files[TENSORRT_FILE] = build_tensorrt_engine(result.model_path, work / TENSORRT_FILE)
+    elif available:  # TensorRT reads the portable QDQ graph, not the CPU's folded one
+        source = result.model_path
+        if result.report.mode == "static":
+            chosen_int8 = next(c for c in result.report.candidates if c.name == result.report.chosen).int8
+            source = apply_plan(samp.info.path, work / "portable-qdq.onnx", samp.units, set(chosen_int8), "static",
+                                samp.data.calibration, samp.settings.calibration_method, fold=False,
+                                calibration_cache=samp.calibration_cache)
+        files[TENSORRT_FILE] = build_tensorrt_engine(source, work / TENSORRT_FILE)
     else:
         notes.append(reason)
     metadata: dict[str, Any] = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict,

@@ -4,10 +4,12 @@ Three forms, all from onnxruntime's quantization primitives:
 - ``dynamic``: INT8 weights (symmetric, per channel), activations quantized at run time with one
   scale for the whole batch tensor: no calibration and usually the fastest, but a row's rounding
   depends on its batch-mates (a long or unusual input changes everyone's scale).
-- ``static``: QDQ graph with calibrated activation ranges (min-max, percentile or entropy) and
-  symmetric per-channel weights; fixed scales, so rows do not depend on each other. The one file
-  serves onnxruntime on CPU and TensorRT's explicit quantization on GPU. MatMul outputs stay
-  unquantized (quantizing them cost 0.08 Spearman here).
+- ``static``: calibrated activation ranges (min-max, percentile or entropy) and symmetric
+  per-channel weights; fixed scales, so rows do not depend on each other. onnxruntime writes a QDQ
+  graph (MatMul outputs stay unquantized: quantizing them cost 0.08 Spearman here), which
+  ``quantizer.fold`` turns into integer MatMuls that take the bias, with the residual connections
+  left in FP32: faster and closer to FP32 on CPU. ``fold=False`` keeps the portable QDQ graph
+  (TensorRT's explicit quantization reads it).
 - ``blockwise``: MatMulNBits with 8-bit weights in blocks of 32 and accuracy level 4, which quantizes
   activations per row in blocks: no calibration, and rows do not depend on each other. The word
   embedding table (a Gather unit) is stored INT8 with per-row scales (weight only).
@@ -30,6 +32,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from quantizer.fold import fold_static
 from quantizer.units import Unit
 
 Mode = Literal["dynamic", "static", "blockwise"]
@@ -65,8 +68,12 @@ def apply_plan(
     mode: Mode = "dynamic",
     calibration: list[dict[str, np.ndarray]] | None = None,
     method: str = "minmax",
+    fold: bool = True,
+    calibration_cache: Path | None = None,
 ) -> Path:
-    """Write ``out_path``: ``fp32_path`` with the units named in ``int8`` quantized."""
+    """Write ``out_path``: ``fp32_path`` with the units named in ``int8`` quantized. ``calibration_cache``: a
+    JSON file onnxruntime fills with the activation ranges on first use and reads after (the ranges do not
+    depend on the plan, and calibrating is most of the time of building a static plan)."""
     unknown = int8 - {u.name for u in units}
     if unknown:
         raise ValueError(f"plan names units the graph does not have: {sorted(unknown)}")
@@ -88,13 +95,17 @@ def apply_plan(
         if not calibration:
             raise ValueError("static quantization needs calibration batches")
         matmuls = [n for n in nodes if not n.endswith("Gather")]
+        qdq_path = out_path.with_suffix(".qdq.onnx") if fold else out_path
         quantize_static(
-            str(fp32_path), str(out_path), BatchReader(calibration), quant_format=QuantFormat.QDQ,
+            str(fp32_path), str(qdq_path), BatchReader(calibration), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, nodes_to_quantize=matmuls,
-            calibrate_method=CALIBRATION_METHODS[method],
+            calibrate_method=CALIBRATION_METHODS[method], calibration_cache_path=calibration_cache,
             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"], "MatMulConstBOnly": True},
         )
+        if fold:
+            fold_static(qdq_path, out_path)
+            qdq_path.unlink()
     return out_path
 
 

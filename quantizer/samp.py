@@ -82,9 +82,15 @@ class Samp:
         if key not in self._built:
             path = self.workdir / f"plan-{next(self._plan_ids)}.onnx"
             apply_plan(self.info.path, path, self.units, set(int8), mode,  # type: ignore[arg-type]
-                       self.data.calibration, self.settings.calibration_method)
+                       self.data.calibration, self.settings.calibration_method,
+                       calibration_cache=self.calibration_cache)
             self._built[key] = path
         return self._built[key]
+
+    @property
+    def calibration_cache(self) -> Path:
+        """Activation ranges of this run's calibration data, computed by the first static plan and reused."""
+        return self.workdir / f"calibration-{self.settings.calibration_method}.json"
 
     def discard(self, int8: frozenset[str], mode: str) -> None:
         """Delete a plan that is measured once (a unit's sensitivity): kept, one full-size ONNX file per

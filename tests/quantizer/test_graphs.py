@@ -88,14 +88,19 @@ def test_dynamic_plan_quantizes_exactly_the_chosen_units(tmp_path, exported):
     assert (fp32.argmax(-1) == int8.argmax(-1)).mean() >= 5 / 6
 
 
-def test_static_plan_is_qdq_on_the_chosen_matmuls_only(tmp_path, exported):
+def _static_plan(tmp_path, exported, fold: bool):
     checkpoint, info = exported
-    units = find_units(info.path)
     calibration = [sample_inputs(checkpoint, batch=4, length=16, seed=s) for s in range(3)]
     for feed in calibration:
         feed["attention_mask"][:] = 1  # fixed-length calibration batches
-    chosen = {"layer1.ffn_out"}
-    out = apply_plan(info.path, tmp_path / "static.onnx", units, chosen, "static", calibration, "minmax")
+    name = "folded.onnx" if fold else "qdq.onnx"
+    return apply_plan(info.path, tmp_path / name, find_units(info.path), {"layer1.ffn_out"}, "static", calibration,
+                      "minmax", fold=fold)
+
+
+def test_portable_static_plan_is_qdq_on_the_chosen_matmuls_only(tmp_path, exported):
+    checkpoint, info = exported
+    out = _static_plan(tmp_path, exported, fold=False)
     ops = _ops(out)
     assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 2  # activation Q/DQ + weight DQ
     graph = onnx.load(str(out)).graph
@@ -106,6 +111,26 @@ def test_static_plan_is_qdq_on_the_chosen_matmuls_only(tmp_path, exported):
     assert producers.get(untouched.input[0]) != "DequantizeLinear"
     inputs = sample_inputs(checkpoint, batch=5, length=16)
     assert cosine_rows(_run(info.path, inputs), _run(out, inputs)).min() > 0.99
+
+
+def test_static_plan_folds_into_integer_matmuls_with_their_bias(tmp_path, exported):
+    checkpoint, info = exported
+    qdq, folded = _static_plan(tmp_path, exported, fold=False), _static_plan(tmp_path, exported, fold=True)
+    ops = _ops(folded)
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 1
+    graph = onnx.load(str(folded)).graph
+    outer = next(n for n in graph.node if n.name == "/encoder/layers.1/feed_forward/outer/MatMul")
+    assert outer.op_type == "MatMulIntegerToFloat" and len(outer.input) == 7  # the bias is an input
+    assert outer.input[6] == "encoder.layers.1.feed_forward.outer.bias"
+    assert not any(n.name == "/encoder/layers.1/feed_forward/outer/Add" for n in graph.node)
+    assert len(graph.node) == len(onnx.load(str(qdq)).graph.node) - 3  # the bias Add and two DQs
+    # Same result as the QDQ graph except that the residual connection no longer carries rounded values.
+    inputs = sample_inputs(checkpoint, batch=5, length=16)
+    assert cosine_rows(_run(qdq, inputs), _run(folded, inputs)).min() > 0.999
+    assert cosine_rows(_run(info.path, inputs), _run(folded, inputs)).min() > 0.99
+    # Fixed activation scales: a row's output does not depend on the rows batched with it.
+    alone = np.concatenate([_run(folded, {k: v[i:i + 1] for k, v in inputs.items()}) for i in range(5)])
+    assert cosine_rows(alone, _run(folded, inputs)).min() > 0.99999
 
 
 def test_empty_plan_is_the_fp32_graph(tmp_path, exported):
