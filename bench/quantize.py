@@ -11,7 +11,9 @@ the same run, and the metric change on dev (used by the search) and test (never 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.docs import machine, write_section  # noqa: E402
+from bench.peer_score import save_eval, save_feeds  # noqa: E402
 from quantizer.report import print_table  # noqa: E402
 from quantizer.samp import Samp  # noqa: E402
 from quantizer.schemas import SampReport, SampResult, SampSettings  # noqa: E402
@@ -76,11 +79,54 @@ def stock_dynamic(samp: Samp, out: Path) -> Path:
     return out
 
 
-def peers(title: str, samp: Samp, result: SampResult) -> str:
-    """The chosen SAMP plan beside the peers' presets on the same FP32 export, dev/test data and batch
-    check, all timed in one interleaved measurement with PyTorch eager at batch 32 x 128."""
+PEERS_PYTHON = ROOT / ".peers" / "bin" / "python"
+
+
+def peer_plans(samp: Samp, max_drop: float, python: Path) -> tuple[dict[str, Path], list[str]]:
+    """The same export quantized by Optimum's preset and by Neural Compressor's accuracy-aware tuning, run in
+    the peers' own environment (bench/peers/requirements.txt); the tuner scores trials with SAMP's dev metric."""
+    if not python.exists():
+        return {}, [f"Optimum and Neural Compressor not run: no peers environment at {python} "
+                    "(`python3 -m venv .peers && .peers/bin/pip install -r bench/peers/requirements.txt`)."]
+    out = samp.workdir / "peers"
+    out.mkdir(exist_ok=True)
+    calibration = save_feeds(samp.data.calibration, out / "calibration.npz")
+    evaluation = save_eval(samp.data.dev, samp.reference["dev"], out / "eval.npz")
+    score_cmd = f"{sys.executable} {ROOT / 'bench' / 'peer_score.py'} {{model}} {evaluation}"
+    subprocess.run([str(python), str(ROOT / "bench" / "peers" / "quantize.py"), "--fp32", str(samp.info.path),
+                    "--out", str(out), "--calibration", str(calibration), "--score-cmd", score_cmd,
+                    "--max-drop", str(max_drop)], check=True)
+    report = json.loads((out / "peers.json").read_text())
+    versions = report["versions"]
+    labels = {"optimum": (f"Optimum {versions['optimum-onnx']} (optimum-onnx) preset", "optimum.onnx"),
+              "neural-compressor": (f"Neural Compressor (onnx-neural-compressor {versions['onnx-neural-compressor']}) "
+                                    "accuracy-aware static", "neural-compressor.onnx")}
+    plans, notes = {}, []
+    for key, (label, file) in labels.items():
+        entry = report[key]
+        if not entry["ok"]:
+            notes.append(f"{label}: failed after {entry['seconds']} s: {entry['error']}")
+            continue
+        plans[label] = out / file
+        if key == "optimum":
+            notes.append(f"{label}: `{entry['preset']}`, per channel {entry['per_channel']}, operators "
+                         f"{', '.join(entry['operators'])}.")
+        else:
+            outcome = ("met the tolerance" if entry["met_tolerance"] else
+                       "no trial met the tolerance; the tuner returns its last trial, which the row shows")
+            notes.append(f"{label}: `{entry['tuning']}`, tolerable relative loss "
+                         f"{entry['tolerable_relative_loss']:.4f}, "
+                         f"{len(entry['trial_scores'])} trials (dev scores "
+                         f"{', '.join(f'{s:.4f}' for s in entry['trial_scores'])}): {outcome}; {entry['seconds']} s.")
+    return plans, notes
+
+
+def peers(title: str, samp: Samp, result: SampResult, max_drop: float, python: Path) -> str:
+    """The chosen SAMP plan beside the peers on the same FP32 export, dev/test data and batch check, all
+    timed in one interleaved measurement with PyTorch eager at the largest batch."""
+    others, notes = peer_plans(samp, max_drop, python)
     plans = {"SAMP (chosen)": result.model_path, "onnxruntime quantize_dynamic (defaults)":
-             stock_dynamic(samp, samp.workdir / "stock-dynamic.onnx"), "FP32 onnxruntime": samp.info.path}
+             stock_dynamic(samp, samp.workdir / "stock-dynamic.onnx"), **others, "FP32 onnxruntime": samp.info.path}
     batch = max(samp.settings.latency_batches)
     timings, quiet = samp.time_plans({TORCH: None, **plans}, batch)
     fp32 = samp.fp32_metric
@@ -93,9 +139,10 @@ def peers(title: str, samp: Samp, result: SampResult) -> str:
         ratio = f"{timings[TORCH].median_ms / timings[name].median_ms:.2f}x" if quiet.quiet else "busy"
         rows.append(f"| {name} | {dev:.4f} ({dev - fp32['dev']:+.4f}) | {test:.4f} ({test - fp32['test']:+.4f}) | "
                     f"{cosine:.6f} | {timings[name].median_ms:.1f} | {ratio} |")
+    rows.append(f"| PyTorch eager FP32 | - | - | - | {timings[TORCH].median_ms:.1f} | 1.00x |")
     if not quiet.quiet:
-        rows += ["", f"Timing: BUSY ({quiet.reason}); no ratios."]
-    return "\n".join(rows) + "\n"
+        notes.append(f"Timing: BUSY ({quiet.reason}); no ratios.")
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def main() -> None:
@@ -104,6 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved timing rounds per batch size.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON,
+                        help="Python of the peers' environment (Optimum, Neural Compressor).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
@@ -121,7 +170,7 @@ def main() -> None:
     result = samp.run()
     print_table(result.report, console)
     sections.append(markdown("all-MiniLM-L6-v2, matching (Spearman of pair cosine scores vs FP32)", result.report))
-    sections.append(peers("all-MiniLM-L6-v2", samp, result))
+    sections.append(peers("all-MiniLM-L6-v2", samp, result, args.max_drop, args.peers_python))
 
     console.rule("MiniLM classifier (gettext topics)")
     run_training(TrainJob(data=work / "train.jsonl", dev=work / "dev.jsonl", out_dir=work / "cls",
@@ -134,7 +183,7 @@ def main() -> None:
     print_table(result.report, console)
     sections.append(markdown("MiniLM fine-tuned on the gettext topics, classification (accuracy, 7 topics)",
                              result.report))
-    sections.append(peers("MiniLM classifier", samp, result))
+    sections.append(peers("MiniLM classifier", samp, result, args.max_drop, args.peers_python))
 
     header = (f"## SAMP quantizer vs PyTorch eager FP32\n\n`python bench/quantize.py` "
               f"(max drop {args.max_drop}, {args.threads} threads, sequence length 128, median of "
