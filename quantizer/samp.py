@@ -74,6 +74,7 @@ class Samp:
         self._built: dict[tuple[str, frozenset[str]], Path] = {}
         self._batch_checks: dict[Path, tuple[float, bool]] = {}
         self._plan_ids = itertools.count()  # file names never reused, though plans are discarded
+        self.calibration_cache.unlink(missing_ok=True)  # ranges of an earlier run in this directory are not ours
 
     # -- building and measuring plans -------------------------------------------------------
 

@@ -103,7 +103,8 @@ def test_the_default_plan_is_batch_invariant_and_measured_so(classifier_run):
     assert report.budget["min_batch_cosine"] == 0.9999
     # every form was measured; whichever was chosen met the tolerance (tiny-bert's dynamic form may: what
     # is measured decides, not the form's name)
-    assert "all-INT8 at batch 4:" in report.notes[0] and report.notes[0].count("batch cosine") == 3
+    forms = [n for n in report.notes if n.startswith("all-INT8 at batch 4:")]  # a busy-timing note may come first
+    assert len(forms) == 1 and forms[0].count("batch cosine") == 3
     for candidate in report.candidates:
         assert candidate.batch_cosine is not None and candidate.batch_cosine <= 1.0 + 1e-9
     chosen = next(c for c in report.candidates if c.name == "samp")
