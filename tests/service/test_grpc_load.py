@@ -107,8 +107,10 @@ def test_clients_that_leave_are_counted_and_their_inputs_dropped(private_repo, t
         flag.touch()  # from now on the one instance holds the first batch; everything else queues
         held = threading.Thread(target=lambda: server.http.post("/v1/embeddings", json={"model": "emb", "input": "x"}))
         held.start()
-        time.sleep(0.3)
+        time.sleep(1.0)  # the held request reaches the runtime (slower on a busy machine)
         with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as caught:
+            # connected first: on a busy machine the 0.5 s deadline could pass before the call reaches the server
+            grpc.channel_ready_future(channel).result(timeout=10)
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(httpx.TimeoutException):
@@ -117,8 +119,13 @@ def test_clients_that_leave_are_counted_and_their_inputs_dropped(private_repo, t
         time.sleep(0.3)
         flag.unlink()  # the runtime returns: the held request is answered, the others were dropped
         held.join(timeout=30)
-        time.sleep(0.3)
-        metrics = server.http.get("/metrics").text
+        deadline = time.monotonic() + 10  # the dropped inputs are counted when the queue reaches them
+        while True:
+            metrics = server.http.get("/metrics").text
+            dropped = _counter(metrics, "sampserve_dropped_total", model="emb", version="1", reason="cancelled")
+            if dropped >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert _counter(metrics, "sampserve_client_gone_total", transport="grpc", reason="deadline") == 1
         assert _counter(metrics, "sampserve_client_gone_total", transport="rest", reason="disconnect") == 1
         assert _counter(metrics, "sampserve_dropped_total", model="emb", version="1", reason="cancelled") == 2
