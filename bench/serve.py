@@ -122,13 +122,15 @@ def ceiling(model_dir: Path, texts: list[str], threads: int, counts: Sequence[in
     side by side. Returns (rate, batch, sessions)."""
     from tokenizers import Tokenizer
 
+    from service.repository import load_head
     from service.runtimes.onnxruntime import OnnxRuntime
 
+    disabled = load_head(model_dir).disabled_optimizers or ()
     tokenizer = configured(Tokenizer.from_file(str(model_dir / "tokenizer.json")), 256, 0)
     tokenizer.no_padding()  # each batch is padded to its own longest
     best = (0.0, 0, 0)
     for count in counts:
-        sessions = [OnnxRuntime(model_dir / "model.onnx", threads, spinning=count == 1) for _ in range(count)]
+        sessions = [OnnxRuntime(model_dir / "model.onnx", threads, count == 1, disabled) for _ in range(count)]
         for batch in batches:
             best = max(best, (_sorted_batches_rate(sessions, tokenizer, texts, batch), batch, count))
     return best

@@ -3,29 +3,29 @@
 onnxruntime runs at graph optimization level EXTENDED: INT8 kernel fusions only happen there
 (147 vs 220 ms), while the transformer-specific fusions of the offline optimizer were slower than
 the unfused graph on the 2-core AVX-512 VNNI Xeon it was measured on and are not applied
-(docs/design.md, "Quantization").
+(docs/design.md, "Quantization"). Sessions are opened by the server's own function, so that SAMP
+measures what the server runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
+
+from service.runtimes.onnxruntime import open_session
 
 
 def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    chosen = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
-    return ort.InferenceSession(str(path), options, providers=chosen)
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
+                disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
+    """A session opened exactly as the server opens it (service.runtimes.onnxruntime)."""
+    return open_session(path, threads, disabled_optimizers=disabled_optimizers, providers=providers)
 
 
 def tensorrt_available() -> tuple[bool, str]:

@@ -25,6 +25,7 @@ from service.repository import (
     TOKENIZER_FILE,
     GenerationMeta,
     HeadMeta,
+    OrtFusion,
     RepoModelConfig,
     list_versions,
     load_model_config,
@@ -88,9 +89,12 @@ def generation_meta(checkpoint: Checkpoint) -> GenerationMeta | None:
                           bos_token=head.bos_token, eos_token=head.eos_token)
 
 
-def served_head(checkpoint: Checkpoint, info: ExportInfo) -> HeadMeta:
-    """head.json of a version: how the server feeds the exported graph and reads its output."""
+def served_head(checkpoint: Checkpoint, info: ExportInfo,
+                disabled_optimizers: list[OrtFusion] | None = None) -> HeadMeta:
+    """head.json of a version: how the server feeds the exported graph and reads its output, and the
+    onnxruntime fusions SAMP measured the plan faster without."""
     return HeadMeta(
+        disabled_optimizers=disabled_optimizers or None,
         generation=generation_meta(checkpoint),
         input_names=list(info.input_names),  # export_onnx names only the three HeadMeta knows
         max_length=checkpoint.head.max_length,
@@ -126,7 +130,7 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     files: dict[str, Path | bytes] = {
         ONNX_FILE: result.model_path,
         TOKENIZER_FILE: raw_tokenizer(samp.checkpoint.tokenizer).to_str().encode(),
-        HEAD_FILE: served_head(samp.checkpoint, samp.info).to_json(),
+        HEAD_FILE: served_head(samp.checkpoint, samp.info, result.report.disabled_optimizers).to_json(),
         REPORT_JSON: write_json(result.report, work / REPORT_JSON),
         REPORT_PNG: write_plot(result.report, work / REPORT_PNG),
     }

@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import itertools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
+from onnxruntime import InferenceSession
 from rich.progress import Progress
 
 from quantizer.data import build_data
@@ -28,10 +30,27 @@ from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_fro
 from quantizer.timing import TORCH, Quietness, Timing, TimingPolicy, clearly_faster, combine, measure
 from quantizer.units import Unit, find_units, quantization_rate
 from service.provenance import host_info
+from service.repository import OrtFusion
 from training.checkpoint import Checkpoint
 
 FORMS = ("dynamic", "static", "blockwise")
 """The INT8 forms ``auto`` measures (quantizer.quantize)."""
+FUSIONS: tuple[OrtFusion, ...] = get_args(OrtFusion)
+"""onnxruntime fusions timed with and without on the chosen form (SkipLayerNormFusion measured 8% slower
+than a separate Add and LayerNormalization on a 2-core AVX-512 VNNI EPYC, docs/design.md)."""
+
+
+def choose_fusions(timings: dict[str, Timing], quiet: Quietness, policy: TimingPolicy) -> tuple[list[OrtFusion], str]:
+    """The fusions to run without and why: ``timings`` holds ``default`` and ``without <fusion>`` for each of
+    FUSIONS; a fusion is left out only when the graph measured faster without it beyond the noise on a quiet
+    machine (a busy machine keeps onnxruntime's defaults)."""
+    if not quiet.quiet:
+        return [], f"onnxruntime's fusions kept: the machine was busy while timing them ({quiet.reason})"
+    base = timings["default"]
+    disabled = [f for f in FUSIONS if clearly_faster(timings[f"without {f}"], base, policy)]
+    described = ", ".join(f"without {f} {timings[f'without {f}'].median_ms:.1f} ms" for f in FUSIONS)
+    verdict = ("running without " + ", ".join(disabled)) if disabled else "onnxruntime's fusions kept"
+    return disabled, f"all-INT8 with every fusion {base.median_ms:.1f} ms, {described}: {verdict}"
 
 
 def choose_form(timings: dict[str, Timing], ranked: list[str], policy: TimingPolicy) -> tuple[str, str]:
@@ -74,6 +93,8 @@ class Samp:
         self._built: dict[tuple[str, frozenset[str]], Path] = {}
         self._batch_checks: dict[Path, tuple[float, bool]] = {}
         self._plan_ids = itertools.count()  # file names never reused, though plans are discarded
+        self.disabled_optimizers: list[OrtFusion] = []
+        """Fusions the plan's sessions run without (chosen by ``_tune_fusions``, written to head.json)."""
         self.calibration_cache.unlink(missing_ok=True)  # ranges of an earlier run in this directory are not ours
 
     # -- building and measuring plans -------------------------------------------------------
@@ -102,13 +123,20 @@ class Samp:
 
     def metric(self, path: Path, split: str = "dev") -> tuple[float, float | None]:
         evaluation = self.data.dev if split == "dev" else self.data.test
-        outputs = run_batched(session_runner(ort_session(path, self.settings.threads)), evaluation.feeds)
+        outputs = run_batched(session_runner(self.session(path)), evaluation.feeds)
         score = evaluation.score(outputs, self.reference[split])
         cosine = evaluation.cosine_to_reference(outputs, self.reference[split]) if self.is_embedding else None
         return score, cosine
 
-    def time_plans(self, paths: dict[str, Path | None], batch: int) -> tuple[dict[str, Timing], Quietness]:
-        """Time graphs (None: PyTorch eager FP32) on one fixed-shape batch, interleaved round by round."""
+    def session(self, path: Path, disabled: Sequence[str] | None = None) -> InferenceSession:
+        """A session as the server will open the published plan (with this run's disabled fusions)."""
+        return ort_session(path, self.settings.threads,
+                           disabled_optimizers=self.disabled_optimizers if disabled is None else disabled)
+
+    def time_plans(self, paths: dict[str, Path | None], batch: int,
+                   disabled: dict[str, Sequence[str]] | None = None) -> tuple[dict[str, Timing], Quietness]:
+        """Time graphs (None: PyTorch eager FP32) on one fixed-shape batch, interleaved round by round;
+        ``disabled``: fusions a graph runs without, by name (default: this run's)."""
         pad = self.checkpoint.config.pad_token_id
         # Timed at the asked length even when the head truncates shorter: the graph takes any
         # length its position table holds, and benchmarks compare plans at one shape.
@@ -120,7 +148,7 @@ class Samp:
         runners: dict[str, Callable[[], object]] = {}
         for name, path in paths.items():
             run = (torch_runner(self.checkpoint.model, self.info.input_names) if path is None
-                   else session_runner(ort_session(path, self.settings.threads)))
+                   else session_runner(self.session(path, (disabled or {}).get(name))))
             runners[name] = functools.partial(run, feed)
         return measure(runners, self.settings.timing)
 
@@ -129,7 +157,7 @@ class Samp:
         whether that is batch-invariant (the tolerance met; for classification also the same top-1)."""
         if path in self._batch_checks:  # the all-INT8 graph is checked when choosing the form and as a candidate
             return self._batch_checks[path]
-        run = session_runner(ort_session(path, self.settings.threads))
+        run = session_runner(self.session(path))
         alone, together = run_batched(run, self.data.alone), run_batched(run, self.data.together)
         cosine = float(cosine_rows(alone, together).min())
         same_top1 = self.checkpoint.head.task != "classification" or bool(
@@ -164,7 +192,19 @@ class Samp:
         ranked = sorted(admitted, key=lambda m: -checks[m][0])  # most batch-invariant first
         mode, why = choose_form(extremes, ranked, s.timing)
         notes.append(f"all-INT8 at batch {big}: {described}; using {mode} ({why})")
+        self._tune_fusions(paths[mode], big, notes)
         return mode, max(extremes["fp32"].median_ms - extremes[mode].median_ms, 0.0), True
+
+    def _tune_fusions(self, path: Path, batch: int, notes: list[str]) -> None:
+        """Time the chosen form's all-INT8 graph with onnxruntime's fusions and without each of FUSIONS,
+        interleaved; every later measurement (and the server) runs with the choice."""
+        self._step("onnxruntime fusions of the all-INT8 graph, with and without, interleaved")
+        variants: dict[str, Path | None] = {"default": path, **{f"without {f}": path for f in FUSIONS}}
+        timings, quiet = self.time_plans(variants, batch, {"default": [], **{f"without {f}": [f] for f in FUSIONS}})
+        self.disabled_optimizers, why = choose_fusions(timings, quiet, self.settings.timing)
+        if self.disabled_optimizers:
+            self._batch_checks.clear()  # measured with every fusion: the numbers change a little without
+        notes.append(f"fusions at batch {batch}: {why}")
 
     def within_budget(self, metric: float, cosine: float | None, split: str = "dev") -> bool:
         ok = self.fp32_metric[split] - metric <= self.settings.max_drop + 1e-12
@@ -241,7 +281,7 @@ class Samp:
             units=unit_rows,
             torch_eager_ms=torch_ms, candidates=candidates, chosen="samp", verdict=verdict,
             export_max_abs_diff=self.info.max_abs_diff, mode=mode, notes=notes, timing=timing,
-            provenance=host_info(s.threads),
+            provenance=host_info(s.threads), disabled_optimizers=list(self.disabled_optimizers),
         )
         return SampResult(report=report, model_path=self.build(plan.int8, mode), workdir=self.workdir)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantizer.timing import Quietness, TimingPolicy
 from service.provenance import HostInfo
+from service.repository import OrtFusion
 
 
 DEFAULT_BATCH_COSINE = 0.9999
@@ -92,6 +93,8 @@ class SampReport(BaseModel):
     """How quiet the machine was while the candidates were timed (None: a report from before timing checks)."""
     provenance: HostInfo | None = None
     """The machine the plan was measured on: CPU, INT8 instructions, onnxruntime, threads."""
+    disabled_optimizers: list[OrtFusion] = Field(default_factory=list)
+    """onnxruntime fusions the plan runs without, because it measured faster without them (head.json)."""
 
 
 @dataclass

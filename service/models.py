@@ -289,7 +289,8 @@ class ModelManager:
             raise ValueError(f"runtime {runtime_name!r} is not registered; runtimes: {sorted(RUNTIMES)}")
         count = config.batching.instances or self.settings.instances
         hung = self.metrics.hung_calls.labels(name, str(version))
-        pool = InstancePool(lambda: factory(path / ONNX_FILE, self.settings.threads, count == 1), count,
+        disabled = tuple(head.meta.disabled_optimizers or ())
+        pool = InstancePool(lambda: factory(path / ONNX_FILE, self.settings.threads, count == 1, disabled), count,
                             self.settings.runtime_timeout_s, f"{name}/{version}", on_hung=hung.set)
         warm_up = head.collate(head.encode(["warm up"], truncate=True))
         pool.start(warm_up)  # one real forward pass each before the version may take traffic

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -254,6 +254,10 @@ class GenerationMeta(BaseModel):
     eos_token: str | None = None
 
 
+OrtFusion = Literal["SkipLayerNormFusion"]
+"""onnxruntime graph fusions SAMP times with and without on the machine at hand (docs/design.md)."""
+
+
 class HeadMeta(BaseModel):
     """``<model>/<N>/head.json``: what the server needs, beside the graph and the tokenizer, to turn
     texts into a version's inputs and its outputs into answers.
@@ -282,6 +286,9 @@ class HeadMeta(BaseModel):
     generation: GenerationMeta | None = None
     """Generation: cache layout, stop ids, chat template; ``max_length`` is then the most tokens a
     sequence may hold, prompt and output together."""
+    disabled_optimizers: list[OrtFusion] | None = Field(None, max_length=len(get_args(OrtFusion)))
+    """onnxruntime fusions this version runs without: SAMP measured its graph faster without them on the
+    machine it was tuned on (the manifest's provenance names that machine)."""
 
     def to_json(self) -> bytes:
         """The file's bytes as publish writes them."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,11 +20,12 @@ class Runtime(Protocol):
     def healthy(self) -> bool: ...
 
 
-def _onnxruntime(path: Path, threads: int | None, spinning: bool) -> Runtime:
+def _onnxruntime(path: Path, threads: int | None, spinning: bool, disabled_optimizers: Sequence[str]) -> Runtime:
     from service.runtimes.onnxruntime import OnnxRuntime
 
-    return OnnxRuntime(path, threads, spinning)
+    return OnnxRuntime(path, threads, spinning, disabled_optimizers)
 
 
-RUNTIMES: dict[str, Callable[[Path, int | None, bool], Runtime]] = {"onnxruntime": _onnxruntime}
-"""Each factory takes the model file, intra-op threads, and whether idle threads may spin."""
+RUNTIMES: dict[str, Callable[[Path, int | None, bool, Sequence[str]], Runtime]] = {"onnxruntime": _onnxruntime}
+"""Each factory takes the model file, intra-op threads, whether idle threads may spin, and the graph
+fusions the version runs without (head.json; an engine without such fusions ignores them)."""

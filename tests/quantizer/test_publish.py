@@ -63,3 +63,7 @@ def test_head_json_holds_what_the_server_reads(tmp_path: Path) -> None:
                                            pad_token_id=0, labels=["x", "y"], normalized=False)
     embedder = served_head(_checkpoint("matching", normalize=True), info)
     assert embedder.normalized and "labels" not in json.loads(embedder.to_json())
+    assert "disabled_optimizers" not in json.loads(embedder.to_json())  # onnxruntime's defaults
+    tuned = served_head(_checkpoint("matching"), info, ["SkipLayerNormFusion"])
+    (tmp_path / HEAD_FILE).write_bytes(tuned.to_json())
+    assert load_head(tmp_path).disabled_optimizers == ["SkipLayerNormFusion"]

@@ -13,7 +13,7 @@ from quantizer.samp import FORMS, Samp
 from quantizer.schemas import SampSettings
 from quantizer.torch_module import load
 from service.provenance import host_info
-from service.repository import list_versions, load_model_config, verify
+from service.repository import list_versions, load_head, load_model_config, verify
 from training.checkpoint import load_checkpoint
 from training.data.tasks import read_records
 from training.tokenization import configured, encode
@@ -68,6 +68,9 @@ def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(cla
     assert manifest.metadata["provenance"] == report["provenance"]
     assert report["provenance"]["threads"] == 1 and report["provenance"]["onnxruntime"] == here.onnxruntime
     assert report["timing"]["attempts"] >= 2  # one measurement per batch size at least
+    # the fusions SAMP measured the plan faster without are the ones the server's sessions leave out
+    assert any(note.startswith("fusions at batch 4:") for note in report["notes"])
+    assert (load_head(version).disabled_optimizers or []) == report["disabled_optimizers"]
     config = load_model_config(tmp_path / "repo/topics")
     assert config.task == "classification" and config.max_drop == 0.05
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from quantizer.samp import Samp, choose_form
+from quantizer.samp import FUSIONS, Samp, choose_form, choose_fusions
 from quantizer.schemas import SampSettings
-from quantizer.timing import OtherLoad, Timing, TimingPolicy, clearly_faster, interleaved, measure
+from quantizer.timing import OtherLoad, Quietness, Timing, TimingPolicy, clearly_faster, interleaved, measure
 from training.checkpoint import load_checkpoint
 from training.data.tasks import read_records
 
@@ -83,6 +83,19 @@ def test_differences_within_the_noise_are_ties_broken_towards_the_batch_invarian
     mode, why = choose_form({"dynamic": steady(10), "static": steady(10.2)}, ranked, POLICY)
     assert mode == "static" and "batch-mates" in why
     assert choose_form({"blockwise": steady(50), "static": steady(20)}, ["blockwise", "static"], POLICY)[0] == "static"
+
+
+def test_a_fusion_is_left_out_only_when_the_graph_is_faster_without_it_on_a_quiet_machine() -> None:
+    quiet = Quietness(quiet=True, attempts=1, worst_spread=0.01, other_cores=0.0)
+    busy = Quietness(quiet=False, attempts=3, worst_spread=0.4, other_cores=1.0, reason="other processes")
+    fusion = FUSIONS[0]
+    slower_fused = {"default": steady(268), f"without {fusion}": steady(247)}
+    disabled, why = choose_fusions(slower_fused, quiet, POLICY)
+    assert disabled == [fusion] and "268.0 ms" in why and "247.0 ms" in why
+    assert choose_fusions({"default": steady(250), f"without {fusion}": steady(247)}, quiet, POLICY)[0] == []
+    assert choose_fusions({"default": bursty(268), f"without {fusion}": steady(247)}, quiet, POLICY)[0] == []
+    disabled, why = choose_fusions(slower_fused, busy, POLICY)  # never decided on a busy machine
+    assert disabled == [] and "busy" in why
 
 
 def _burner(seconds: float) -> subprocess.Popen:

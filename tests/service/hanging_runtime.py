@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,8 @@ class HangingRuntime(OnnxRuntime):
         return super().run(feed)
 
 
-def _hanging(path: Path, threads: int | None, spinning: bool) -> HangingRuntime:
-    return HangingRuntime(path, threads, spinning)
+def _hanging(path: Path, threads: int | None, spinning: bool, disabled_optimizers: Sequence[str]) -> HangingRuntime:
+    return HangingRuntime(path, threads, spinning, disabled_optimizers)
 
 
 RUNTIMES["hanging"] = _hanging

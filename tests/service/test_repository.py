@@ -543,6 +543,8 @@ def test_head_json_written_before_the_schema_still_loads(tmp_path: Path) -> None
         ({"input_names": ["input_ids"], "max_length": 0}, r"head\.json: max_length: Input should be greater"),
         ({"input_names": ["pixels"], "max_length": 8}, r"head\.json: input_names\.0: Input should be"),
         ({"input_names": [], "max_length": 8}, r"head\.json: input_names: List should have at least 1 item"),
+        ({"input_names": ["input_ids"], "max_length": 8, "disabled_optimizers": ["ConstantFolding"]},
+         r"head\.json: disabled_optimizers\.0: Input should be 'SkipLayerNormFusion'"),
     ],
 )
 def test_head_json_errors_name_file_and_field(tmp_path: Path, raw: dict | str | None, expected: str) -> None:
