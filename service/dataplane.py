@@ -42,6 +42,8 @@ OUTPUT_NAMES = {"matching": "embeddings", "classification": "logits"}
 INPUT_NAMES = ("text", "text_pair")
 MAX_DIMS = 8
 TOKENIZE_INLINE_CHARS = 4096
+MAX_DETOKENIZE = 65536
+"""Most ids one /detokenize call decodes (a bound on the event loop's work per request)."""
 """Requests with more characters than this are tokenized on a thread: ~1 ms of work inline at most."""
 MAX_ROLE_CHARS = 32
 CLIENT_GONE = "client_gone"
@@ -267,17 +269,25 @@ class DataPlane:
 
     async def forward(self, model: str, version: str | int | None, texts: list[Any],
                       pairs: list[Any] | None = None, truncate: bool = False, field: str = "texts",
-                      task: str | None = None) -> Result:
-        """Texts -> the model's raw output rows (embeddings or logits), batched with other requests."""
+                      task: str | None = None, token_ids: list[list[int]] | None = None) -> Result:
+        """Texts (or rows of the model's token ids) -> the model's raw output rows (embeddings or
+        logits), batched with other requests."""
         loaded = self.models.get(model, version)
         if task is not None and loaded.config.task != task:
             raise InvalidInput(f"model {model!r} is a {loaded.config.task} model, not {task}")
-        self._check_count(len(texts), field, loaded)
-        texts = self._check_texts(texts, field, truncate)
-        if pairs is not None:
-            pairs = self._check_texts(pairs, f"{field} pairs", truncate)
+        self._check_count(len(texts) if token_ids is None else len(token_ids), field, loaded)
+        if token_ids is None:
+            texts = self._check_texts(texts, field, truncate)
+            if pairs is not None:
+                pairs = self._check_texts(pairs, f"{field} pairs", truncate)
+
+        async def items_for(loaded: LoadedVersion) -> list[Encoded]:
+            if token_ids is not None:
+                return loaded.head.from_ids(token_ids, truncate, field)
+            return await self._encode(loaded, texts, pairs, truncate, field)
+
         try:
-            items = await self._encode(loaded, texts, pairs, truncate, field)
+            items = await items_for(loaded)
             try:
                 values = await loaded.run(items, self.settings.request_timeout_s)
             except BatcherClosed:
@@ -285,7 +295,7 @@ class DataPlane:
                     raise
                 # the version was swapped out between lookup and queueing: run on its successor
                 loaded = self.models.get(model, None)
-                items = await self._encode(loaded, texts, pairs, truncate, field)
+                items = await items_for(loaded)
                 values = await loaded.run(items, self.settings.request_timeout_s)
         except QueueFull as exc:
             raise Overloaded(f"model {model!r}: {exc}") from None
@@ -341,13 +351,56 @@ class DataPlane:
 
     # -- task endpoints ------------------------------------------------------------------------
 
-    async def embed(self, model: str, texts: list[Any], truncate: bool = False, field: str = "input") -> Result:
+    async def embed(self, model: str, texts: list[Any], truncate: bool = False, field: str = "input",
+                    token_ids: list[list[int]] | None = None, dimensions: int | None = None) -> Result:
+        """Unit-length embeddings; ``dimensions``: the first that many components, normalized again
+        (what Matryoshka-trained models are made for; any model accepts it)."""
         async def work() -> tuple[Result, None]:
-            result = await self.forward(model, None, texts, None, truncate, field, task="matching")
-            result.values = result.head.normalize(result.values)  # type: ignore[union-attr]
+            if dimensions is not None:  # checked before any work is queued
+                width = self.models.get(model, None).width
+                if not 1 <= dimensions <= width:
+                    raise InvalidInput(f"dimensions: {dimensions}; model {model!r} gives 1 to {width}")
+            result = await self.forward(model, None, texts, None, truncate, field, task="matching",
+                                        token_ids=token_ids)
+            values = result.values if dimensions is None else result.values[:, :dimensions]
+            if dimensions is not None:
+                values = values / np.linalg.norm(values, axis=-1, keepdims=True).clip(1e-12)
+            result.values = result.head.normalize(values)  # type: ignore[union-attr]
             return result, None
 
         return (await self._measured("embeddings", model, None, work))[0]
+
+    async def tokenize(self, model: str, text: str,
+                       add_special_tokens: bool = True) -> tuple[list[int], list[str], int]:
+        """The ids (and token strings) the model sees for ``text``, its prefix included (an e5 model's
+        "query: "), and the most tokens it takes: the ids /v1/embeddings accepts as input."""
+        loaded = self.models.served(model, None)
+        head = loaded.head
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidInput(f"prompt is {len(text)} characters; at most {self.settings.max_text_chars} "
+                               "(SAMPSERVE_MAX_TEXT_CHARS)")
+        prefix = getattr(head, "text_prefix", "")
+
+        def encode() -> tuple[list[int], list[str]]:
+            encoding = head.tokenizer.encode(prefix + text, add_special_tokens=add_special_tokens)
+            return list(encoding.ids), list(encoding.tokens)
+
+        try:
+            ids, tokens = await asyncio.get_running_loop().run_in_executor(self._tokenizers, encode)
+        except UnicodeError:
+            raise InvalidInput("prompt: must be valid Unicode (no lone surrogates)") from None
+        return ids, tokens, head.max_length
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of the model's token ids (special tokens kept, so a /tokenize round trip shows them)."""
+        head = self.models.served(model, None).head
+        vocab = head.tokenizer.get_vocab_size(with_added_tokens=True)
+        if len(tokens) > MAX_DETOKENIZE:
+            raise InvalidInput(f"tokens: {len(tokens)} ids; at most {MAX_DETOKENIZE}")
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidInput(f"tokens: id {bad} is outside this model's vocabulary (0..{vocab - 1})")
+        return head.tokenizer.decode(tokens, skip_special_tokens=False)
 
     async def similarity(self, model: str, pairs: list[Any], truncate: bool = False) -> tuple[Result, list[float]]:
         async def work() -> tuple[Result, list[float]]:

@@ -82,6 +82,8 @@ class LoadedVersion:
     batcher: Batcher[Encoded, np.ndarray]
     max_texts: int
     """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
+    width: int
+    """Length of one output row (embedding size or number of classes), measured by the warm-up pass."""
     tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
     async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
@@ -294,6 +296,7 @@ class ModelManager:
                             self.settings.runtime_timeout_s, f"{name}/{version}", on_hung=hung.set)
         warm_up = head.collate(head.encode(["warm up"], truncate=True))
         pool.start(warm_up)  # one real forward pass each before the version may take traffic
+        width = int(pool.runtimes[0].run(warm_up).shape[-1])
         policy = BatchPolicy(max_batch_size=config.batching.max_batch_size,
                              max_batch_tokens=config.batching.max_batch_tokens,
                              max_queue_size=config.batching.max_queue_size)
@@ -308,7 +311,7 @@ class ModelManager:
         batcher: Batcher[Encoded, np.ndarray] = Batcher(run_batch, policy, self.metrics.observer(name, version),
                                                        concurrency=count)
         max_texts = max(1, min(self.settings.max_texts_per_request, policy.max_queue_size // 2))
-        return LoadedVersion(name, version, config, head, pool, batcher, max_texts)
+        return LoadedVersion(name, version, config, head, pool, batcher, max_texts, width)
 
     def _read_config(self, name: str) -> RepoModelConfig:
         config = load_model_config(self.settings.repo / name)

@@ -10,6 +10,7 @@ protocol says, and OpenAI's ``{"error": {"message", "type", "code"}}`` on the /v
 from __future__ import annotations
 
 import base64
+import uuid
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from service.api import openai, v2_generate
 from service.api.bodies import documented, parse_body
@@ -45,11 +46,43 @@ class FastJSONResponse(JSONResponse):
 
 
 class EmbeddingsRequest(StrictBody):
+    """OpenAI's embeddings body: ``input`` is a string, a list of strings, a list of token ids or a list
+    of lists of token ids (ids of the model's own vocabulary, as POST /tokenize returns them)."""
+
     model: str
-    input: str | list[str]
+    input: str | list[str] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
     encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None
+    dimensions: int | None = Field(None, description="Keep the first this many components, normalized again.")
+    user: str | None = Field(None, description="Accepted and ignored.")
     truncate: bool = Field(False, description="Cut inputs longer than the model's limit instead of a 400.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_shape(cls, value: Any) -> Any:
+        """One of the four shapes, token ids as rows; anything else is one clear message."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            if all(isinstance(v, str) for v in value):
+                return value
+            if all(_is_id(v) for v in value):
+                return [value]  # one input given as its token ids
+            if all(isinstance(v, list) and v and all(_is_id(t) for t in v) for v in value):
+                return value
+        raise ValueError("must be a string, a list of strings, a list of token ids (integers) or a list of "
+                         "non-empty lists of token ids")
+
+    def texts_or_ids(self) -> tuple[list[str], list[list[int]] | None]:
+        if isinstance(self.input, str):
+            return [self.input], None
+        if self.input and isinstance(self.input[0], list):
+            return [], self.input  # type: ignore[return-value]
+        return self.input, None  # type: ignore[return-value]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ClassifyRequest(StrictBody):
@@ -66,12 +99,36 @@ class SimilarityRequest(StrictBody):
     truncate: bool = False
 
 
+class RerankDocument(StrictBody):
+    text: str
+
+
 class RerankRequest(StrictBody):
+    """Cohere's and Jina's rerank body (what vLLM and KServe's Hugging Face runtime accept)."""
+
     model: str
     query: str
-    documents: list[str]
-    top_n: int | None = Field(None, ge=1)
+    documents: list[str | RerankDocument] = Field(description="Texts, or objects with a 'text' field.")
+    top_n: int | None = Field(None, ge=1, description="Return only the best top_n results.")
+    return_documents: bool = Field(False, description="Echo each result's document as {'text': ...}.")
     truncate: bool = False
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class TokenizeRequest(StrictBody):
+    """vLLM's tokenize body."""
+
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(StrictBody):
+    model: str
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------- the app
@@ -155,8 +212,9 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
     @app.post("/v1/embeddings", response_model=dict, openapi_extra=documented(EmbeddingsRequest))
     async def embeddings(request: Request) -> Response:
         body = await parse_body(request, EmbeddingsRequest)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        result = await dataplane.embed(body.model, texts, body.truncate)
+        texts, token_ids = body.texts_or_ids()
+        result = await dataplane.embed(body.model, texts, body.truncate, token_ids=token_ids,
+                                       dimensions=body.dimensions)
 
         def encode(row: np.ndarray) -> np.ndarray | str:
             if body.encoding_format == "base64":  # what the openai client asks for by default
@@ -182,12 +240,31 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
         return {"model": body.model, "version": result.version, "scores": scores}
 
     @app.post("/v1/rerank", openapi_extra=documented(RerankRequest))
+    @app.post("/v2/rerank", openapi_extra=documented(RerankRequest))
+    @app.post("/rerank", openapi_extra=documented(RerankRequest))
     async def rerank(request: Request) -> dict:
         body = await parse_body(request, RerankRequest)
-        result, ranked = await dataplane.rerank(body.model, body.query, body.documents, body.truncate)
+        documents = body.texts()
+        result, ranked = await dataplane.rerank(body.model, body.query, documents, body.truncate)
         ranked = ranked[: body.top_n] if body.top_n else ranked
-        return {"model": body.model, "version": result.version, "results": [
-            {"index": i, "score": s, "document": body.documents[i]} for i, s in ranked]}
+        results: list[dict[str, Any]] = [
+            {"index": i, "relevance_score": score, **({"document": {"text": documents[i]}} if body.return_documents
+                                                      else {})} for i, score in ranked]
+        return {"id": f"rerank-{uuid.uuid4().hex}", "model": body.model, "version": result.version,
+                "results": results, "usage": {"total_tokens": result.tokens},
+                "meta": {"billed_units": {"search_units": 1}}}
+
+    @app.post("/tokenize", openapi_extra=documented(TokenizeRequest))
+    async def tokenize(request: Request) -> dict:
+        body = await parse_body(request, TokenizeRequest)
+        ids, strings, limit = await dataplane.tokenize(body.model, body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": limit,
+                **({"token_strs": strings} if body.return_token_strs else {})}
+
+    @app.post("/detokenize", openapi_extra=documented(DetokenizeRequest))
+    async def detokenize(request: Request) -> dict:
+        body = await parse_body(request, DetokenizeRequest)
+        return {"prompt": dataplane.detokenize(body.model, body.tokens)}
 
     if serve_metrics:
         @app.get("/metrics")

@@ -61,6 +61,32 @@ class TextEncoder:
             out.append(Encoded(tuple(enc.ids), tuple(enc.type_ids)))
         return out
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def from_ids(self, rows: list[list[int]], truncate: bool = False, field: str = "input") -> list[Encoded]:
+        """Token ids of the model's own vocabulary, used as given (special tokens included: /tokenize
+        returns them), each checked before any work: in range, not empty, within max_length."""
+        vocab = self.vocab_size
+        out = []
+        for index, row in enumerate(rows):
+            if not row:
+                raise InvalidInput(f"{field}[{index}]: an empty list of token ids")
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidInput(
+                    f"{field}[{index}]: token id {bad} is outside this model's vocabulary (0..{vocab - 1}); token "
+                    "ids must come from the model's own tokenizer (POST /tokenize). LangChain's OpenAIEmbeddings "
+                    "sends tiktoken ids unless check_embedding_ctx_length=False")
+            if len(row) > self.max_length:
+                if not truncate:
+                    raise InvalidInput(f"{field}[{index}] is {len(row)} tokens; the model takes at most "
+                                       f"{self.max_length}. Shorten it or set truncate=true")
+                row = row[: self.max_length]
+            out.append(Encoded(tuple(row), (0,) * len(row)))
+        return out
+
     def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
         """Pad a batch to its longest item (the batcher keeps lengths close)."""
         longest = max(item.length for item in items)

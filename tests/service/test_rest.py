@@ -45,11 +45,91 @@ def test_openai_client_embeddings(server, repo):
     assert response.usage.prompt_tokens > 4
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_take_the_token_ids_tokenize_returns(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    text = "could not lock the index file"
+    tokenized = server.http.post("/tokenize", json={"model": "emb", "prompt": text, "return_token_strs": True}).json()
+    ids = tokenized["tokens"]
+    assert tokenized["count"] == len(ids) and tokenized["max_model_len"] == 128
+    assert tokenized["token_strs"][0] == "[CLS]" and tokenized["token_strs"][-1] == "[SEP]"
+    assert server.http.post("/detokenize", json={"model": "emb", "tokens": ids}).json()["prompt"] == (
+        f"[CLS] {text} [SEP]")
+    plain = server.http.post("/tokenize", json={"model": "emb", "prompt": text, "add_special_tokens": False}).json()
+    assert plain["tokens"] == ids[1:-1]
+    by_text = np.array(client.embeddings.create(model="emb", input=text).data[0].embedding)
+    # the openai client asks for base64 and decodes it; ids as one list (one input) and as a list of lists
+    one = np.array(client.embeddings.create(model="emb", input=ids).data[0].embedding)
+    rows = client.embeddings.create(model="emb", input=[ids, ids[:3] + ids[-1:]]).data
+    assert len(rows) == 2 and _cosine(one, by_text) > 0.9999 and _cosine(np.array(rows[0].embedding), by_text) > 0.9999
+    assert _cosine(np.array(rows[1].embedding), by_text) < 0.99  # a different input, a different vector
+
+
+def test_embeddings_dimensions_are_the_first_components_normalized_again(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    full = np.array(client.embeddings.create(model="emb", input="merge the branches").data[0].embedding)
+    short = np.array(client.embeddings.create(model="emb", input="merge the branches", dimensions=16,
+                                              user="someone").data[0].embedding)
+    assert short.shape == (16,) and np.linalg.norm(short) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(short, full[:16] / np.linalg.norm(full[:16]), atol=1e-5)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"input": "x", "dimensions": 65}, "dimensions: 65; model 'emb' gives 1 to 64"),
+    ({"input": "x", "dimensions": 0}, "dimensions: 0"),
+    ({"input": [[101, 100277, 102]]}, "outside this model's vocabulary (0..30521)"),  # a tiktoken id
+    ({"input": [[101, -1]]}, "token id -1 is outside"),
+    ({"input": [[101, 2023], []]}, "non-empty lists of token ids"),
+    ({"input": [101, "word"]}, "a list of token ids (integers)"),
+    ({"input": [[101, True]]}, "non-empty lists of token ids"),
+    ({"input": [list(range(1000, 1200))]}, "200 tokens; the model takes at most 128"),
+])
+def test_bad_token_ids_and_dimensions_are_400_before_any_work(server, body, needle):
+    response = server.http.post("/v1/embeddings", json={"model": "emb", **body})
+    assert response.status_code == 400 and needle in response.json()["error"]["message"], response.text
+
+
+def test_tiktoken_ids_get_a_hint_and_langchain_works_with_its_documented_setting(server):
+    message = server.http.post("/v1/embeddings", json={"model": "emb", "input": [[15339, 1917, 100000]]}).json()
+    assert "check_embedding_ctx_length=False" in message["error"]["message"]
+    langchain = pytest.importorskip("langchain_openai", reason="langchain-openai does not install here")
+    embedder = langchain.OpenAIEmbeddings(model="emb", base_url=server.url + "/v1", api_key="unused",
+                                          check_embedding_ctx_length=False)
+    vectors = np.array(embedder.embed_documents(["open the file", "close the file"]))
+    query = np.array(embedder.embed_query("open the file"))
+    assert vectors.shape == (2, 64) and _cosine(vectors[0], query) > 0.9999
+
+
+def test_rerank_speaks_cohere_and_jina(server):
+    docs = ["the database is locked", "cannot push to remote", {"text": "the database is locked!"}]
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        answer = server.http.post(path, json={"model": "emb", "query": "the database is locked", "documents": docs,
+                                              "top_n": 2, "return_documents": True}).json()
+        assert [r["index"] for r in answer["results"]] == [0, 2]
+        assert answer["results"][0]["document"] == {"text": "the database is locked"}
+        assert answer["results"][0]["relevance_score"] >= answer["results"][1]["relevance_score"]
+        assert answer["usage"]["total_tokens"] > 0 and answer["id"].startswith("rerank-")
+    bare = server.http.post("/v1/rerank", json={"model": "emb", "query": "q", "documents": ["a", "b"]}).json()
+    assert len(bare["results"]) == 2 and "document" not in bare["results"][0]
+    cohere = pytest.importorskip("cohere", reason="the cohere client does not install here")
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
+    ranked = client.rerank(model="emb", query="the database is locked", documents=[
+        "cannot push to remote", "the database is locked"], top_n=1)
+    assert ranked.results[0].index == 1 and ranked.results[0].relevance_score > 0.99
+
+
 def test_task_endpoints(server):
     docs = ["the database is locked", "cannot push to remote", "the database is locked!"]
     ranked = server.http.post("/v1/rerank", json={"model": "emb", "query": "the database is locked",
                                                   "documents": docs}).json()["results"]
-    assert ranked[0]["index"] == 0 and ranked[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert ranked[0]["index"] == 0 and ranked[0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
     scores = server.http.post("/v1/similarity", json={"model": "emb", "pairs": [["a b", "a b"], ["a b", "x"]]}).json()
     assert scores["scores"][0] == pytest.approx(1.0, abs=1e-5) and scores["scores"][1] < 1.0
     out = server.http.post("/v1/classify", json={"model": "topics", "texts": ["failed to lock the ref"],
