@@ -27,7 +27,16 @@ from quantizer.measure import cosine_rows, fixed_shape_feed, run_batched, sessio
 from quantizer.quantize import apply_plan
 from quantizer.schemas import DEFAULT_BATCH_COSINE, Candidate, SampReport, SampResult, SampSettings
 from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
-from quantizer.timing import TORCH, Quietness, Timing, TimingPolicy, clearly_faster, combine, measure
+from quantizer.timing import (
+    TORCH,
+    Quietness,
+    Timing,
+    TimingPolicy,
+    clearly_faster,
+    combine,
+    measure,
+    paired_faster,
+)
 from quantizer.units import Unit, find_units, quantization_rate
 from service.provenance import host_info
 from service.repository import OrtFusion
@@ -42,12 +51,12 @@ than a separate Add and LayerNormalization on a 2-core AVX-512 VNNI EPYC, docs/d
 
 def choose_fusions(timings: dict[str, Timing], quiet: Quietness, policy: TimingPolicy) -> tuple[list[OrtFusion], str]:
     """The fusions to run without and why: ``timings`` holds ``default`` and ``without <fusion>`` for each of
-    FUSIONS; a fusion is left out only when the graph measured faster without it beyond the noise on a quiet
-    machine (a busy machine keeps onnxruntime's defaults)."""
+    FUSIONS; a fusion is left out only when the graph measured faster without it round by round
+    (``paired_faster``) on a quiet machine (a busy machine keeps onnxruntime's defaults)."""
     if not quiet.quiet:
         return [], f"onnxruntime's fusions kept: the machine was busy while timing them ({quiet.reason})"
     base = timings["default"]
-    disabled = [f for f in FUSIONS if clearly_faster(timings[f"without {f}"], base, policy)]
+    disabled = [f for f in FUSIONS if paired_faster(timings[f"without {f}"], base, policy)]
     described = ", ".join(f"without {f} {timings[f'without {f}'].median_ms:.1f} ms" for f in FUSIONS)
     verdict = ("running without " + ", ".join(disabled)) if disabled else "onnxruntime's fusions kept"
     return disabled, f"all-INT8 with every fusion {base.median_ms:.1f} ms, {described}: {verdict}"
