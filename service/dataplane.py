@@ -28,16 +28,27 @@ import numpy as np
 
 from service import tracing
 from service.batching import BatcherClosed, DeadlineExceeded, QueueFull
-from service.errors import Code, DeadlinePassed, InvalidInput, ModelFailure, Overloaded, ServiceError
+from service.errors import (
+    Code,
+    DeadlinePassed,
+    InvalidInput,
+    ModelFailure,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    shorten,
+)
 from service.generation import Delta, SamplingParams
 from service.heads import ClassificationHead, Encoded, MatchingHead
 from service.instances import RuntimeHung
 from service.metrics import Metrics
-from service.models import GenerationVersion, LoadedVersion, ModelManager
+from service.models import GenerationVersion, IndexEntry, LoadedVersion, ModelManager
 from service.request_context import current_request
 from service.settings import Settings
 
 PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "generate", "model_repository"]
+"""The protocol extensions served (server metadata, both transports, as Triton lists them)."""
 OUTPUT_NAMES = {"matching": "embeddings", "classification": "logits"}
 INPUT_NAMES = ("text", "text_pair")
 MAX_DIMS = 8
@@ -46,6 +57,8 @@ MAX_DETOKENIZE = 65536
 """Most ids one /detokenize call decodes (a bound on the event loop's work per request)."""
 """Requests with more characters than this are tokenized on a thread: ~1 ms of work inline at most."""
 MAX_ROLE_CHARS = 32
+UNLOAD_PARAMETERS = ("unload_dependents",)
+"""What tritonclient's unload_model may send; no model here has dependents, so it changes nothing."""
 CLIENT_GONE = "client_gone"
 """The outcome of a stream whose client left before its end (a disconnect, a cancelled RPC)."""
 T = TypeVar("T")
@@ -211,6 +224,22 @@ class DataPlane:
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
                         "failed_versions": failed, **loaded.tuning.parameters()})
+
+    # -- the model repository extension (index, load, unload) ----------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        return self.models.index(ready_only)
+
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Load or reload a model from the repository (explicit model control only)."""
+        _check_repository_parameters(parameters, ())
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        await self.models.load(name)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
+        _check_repository_parameters(parameters, UNLOAD_PARAMETERS)
+        await self.models.unload(name)
 
     # -- request accounting ------------------------------------------------------------------
 
@@ -523,6 +552,18 @@ class DataPlane:
 
     def close(self) -> None:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_repository_parameters(parameters: dict[str, Any], allowed: Sequence[str]) -> None:
+    """Triton's load takes a model config and files to load instead of the repository's; here a model is
+    only ever what was published (manifest checked), so those overrides are refused, by name."""
+    if "config" in parameters or any(key.startswith("file:") for key in parameters):
+        raise InvalidInput("parameters: config and file: overrides are not supported; publish a version to the "
+                           "repository (sampserve quantize) and load the model by name")
+    unknown = sorted(key for key in parameters if key not in allowed)
+    if unknown:
+        raise InvalidInput(f"parameters: unknown {', '.join(shorten(k) for k in unknown[:4])}; "
+                           f"allowed: {list(allowed)}")
 
 
 async def _next_delta(model: str, stream: AsyncIterator[Delta]) -> Delta:

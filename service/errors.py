@@ -17,6 +17,8 @@ class Code(Enum):
     INTERNAL = "internal"
     UNAUTHENTICATED = "unauthenticated"
     REQUEST_TIMEOUT = "request_timeout"
+    FORBIDDEN = "permission_denied"
+    FAILED_PRECONDITION = "failed_precondition"
 
 
 class ServiceError(Exception):
@@ -65,6 +67,18 @@ class BodyTimeout(ServiceError):
     code = Code.REQUEST_TIMEOUT
 
 
+class Forbidden(ServiceError):
+    """The server's settings do not allow this call (e.g. loading models outside explicit model control)."""
+
+    code = Code.FORBIDDEN
+
+
+class LoadFailed(ServiceError):
+    """A model asked to load has no version that loads: the repository's content, not the request, is wrong."""
+
+    code = Code.FAILED_PRECONDITION
+
+
 class ModelFailure(ServiceError):
     """The model itself failed: a 500, never blamed on the client."""
 
@@ -81,6 +95,8 @@ HTTP_STATUS: dict[Code, int] = {
     Code.INTERNAL: 500,
     Code.UNAUTHENTICATED: 401,
     Code.REQUEST_TIMEOUT: 408,
+    Code.FORBIDDEN: 403,
+    Code.FAILED_PRECONDITION: 409,
 }
 
 GRPC_STATUS: dict[Code, grpc.StatusCode] = {
@@ -93,6 +109,8 @@ GRPC_STATUS: dict[Code, grpc.StatusCode] = {
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
     Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Code.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

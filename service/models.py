@@ -22,7 +22,7 @@ import numpy as np
 
 from service import tracing
 from service.batching import Batcher, BatchPolicy
-from service.errors import InvalidInput, ModelNotFound, NotReady, shorten
+from service.errors import Forbidden, InvalidInput, LoadFailed, ModelNotFound, NotReady, shorten
 from service.generation.engine import GenerationEngine, warm_up
 from service.generation.graph import DecoderGraph
 from service.generation.scheduler import EngineLimits
@@ -44,6 +44,19 @@ from service.settings import Settings
 
 log = logging.getLogger("sampserve")
 MAX_RETRY_S = 3600.0
+HELD_REASON = ("not loaded (model control mode explicit: POST /v2/repository/models/<model>/load, or tritonclient's "
+               "load_model, loads it)")
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of the v2 repository index (Triton's and MLServer's shape): a version, or a model without one."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,8 @@ class ModelState:
     problem: str | None = None
     """Why the model cannot be served at all (invalid config, a task without a head)."""
     available: list[int] = field(default_factory=list)
+    held: bool = False
+    """Not loaded on purpose: explicit model control, and no load call (or an unload) for it."""
 
     @property
     def latest(self) -> ServedVersion | None:
@@ -161,6 +176,8 @@ class ModelState:
             return ""
         if self.problem:
             return self.problem
+        if self.held:
+            return HELD_REASON
         if not self.available:
             return "no version published yet"
         if self.failed:
@@ -176,6 +193,10 @@ class ModelManager:
         self._poller: asyncio.Task[None] | None = None
         self._refreshing = asyncio.Lock()
         self.host = host_info(settings.threads)
+        explicit = settings.model_control_mode == "explicit"
+        self.wanted: set[str] | None = {n for n in settings.load_models if n != "*"} if explicit else None
+        """The models to serve under explicit control (None: every model folder)."""
+        self._load_all_at_start = explicit and "*" in settings.load_models
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -228,12 +249,66 @@ class ModelManager:
 
     def ready(self) -> bool:
         """Server readiness. Strict: every model folder has a ready version. Otherwise one is enough,
-        so a broken or not-yet-published model does not take every replica out of rotation."""
-        if not self.models:
-            return False
-        if self.settings.strict_readiness:
-            return all(s.versions for s in self.models.values())
-        return any(s.versions for s in self.models.values())
+        so a broken or not-yet-published model does not take every replica out of rotation. Under
+        explicit control only the models asked for count, and none asked for is ready (as Triton)."""
+        if self.wanted is not None:
+            states = [self.models[n] for n in self.wanted if n in self.models]
+            if not states:
+                return True
+        else:
+            states = list(self.models.values())
+            if not states:
+                return False
+        return (all if self.settings.strict_readiness else any)(s.versions for s in states)
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model folder of the repository (read now) with its versions' states."""
+        entries: list[IndexEntry] = []
+        for name in sorted(set(repository_names(self.settings.repo)) | set(self.models)):
+            state = self.models.get(name)
+            if state is None:
+                rows = [IndexEntry(name, "", UNAVAILABLE, "not loaded yet (new in the repository)")]
+            else:
+                rows = [IndexEntry(name, str(v), READY, "") for v in sorted(state.versions)]
+                rows += [IndexEntry(name, str(v), UNAVAILABLE, f.reason) for v, f in sorted(state.failed.items())
+                         if v not in state.versions]
+                rows = rows or [IndexEntry(name, "", UNAVAILABLE, state.reason())]
+            entries += [row for row in rows if row.state == READY or not ready_only]
+        return entries
+
+    def _check_explicit(self, action: str) -> set[str]:
+        if self.wanted is None:
+            raise Forbidden(f"{action} needs model control mode explicit (SAMPSERVE_MODEL_CONTROL_MODE); this server "
+                            f"runs in {self.settings.model_control_mode!r} mode")
+        return self.wanted
+
+    async def load(self, name: str) -> None:
+        """Load (or reload: new versions in, withdrawn ones out) a model; versions that failed before are
+        tried again now. Refused outside explicit control; LoadFailed when no version loads."""
+        wanted = self._check_explicit("loading a model")
+        if name not in repository_names(self.settings.repo):
+            raise ModelNotFound(f"model {shorten(name)} is not in the repository (no {MODEL_CONFIG_FILE})")
+        async with self._refreshing:
+            wanted.add(name)
+            if name in self.models:
+                self.models[name].failed.clear()
+            await self._refresh_model(name)
+            state = self.models[name]
+            if not state.versions:
+                reason = state.reason()
+                wanted.discard(name)
+                await self._refresh_model(name)
+                raise LoadFailed(f"model {name!r} did not load: {reason}")
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model: its queued requests finish, new ones get 503 with the reason."""
+        wanted = self._check_explicit("unloading a model")
+        if name not in self.models and name not in repository_names(self.settings.repo):
+            raise ModelNotFound(f"model {shorten(name)} is not in the repository")
+        async with self._refreshing:
+            wanted.discard(name)
+            if name in self.models:
+                await self._refresh_model(name)
 
     def wedged(self) -> list[str]:
         """Versions with at least ``max_hung_calls`` runtime calls stuck, or whose generation loop
@@ -325,45 +400,58 @@ class ModelManager:
             await self._refresh()
 
     async def _refresh(self) -> None:
-        repo = self.settings.repo
-        names = repository_names(repo)
+        names = repository_names(self.settings.repo)
+        if self._load_all_at_start and self.wanted is not None:
+            self.wanted |= set(names)
+            self._load_all_at_start = False
         for gone in [n for n in self.models if n not in names]:
             await self._forget(gone)
         for name in names:
-            state = self.models.get(name)
-            try:
-                config = self._read_config(name)
-            except ValueError as exc:
-                if state is None or state.problem != str(exc):
-                    log.error("model %s not served: %s", name, exc)
-                if state is None:
-                    state = self.models[name] = ModelState(None)
-                    self.metrics.model_known(name)
-                state.problem = str(exc)  # a model already serving keeps its loaded versions
-                self.metrics.ready.labels(name).set(1 if state.versions else 0)
-                continue
+            await self._refresh_model(name)
+
+    async def _refresh_model(self, name: str) -> None:
+        """One model in line with its folder (and, under explicit control, with whether it was asked for)."""
+        repo = self.settings.repo
+        if not (repo / name / MODEL_CONFIG_FILE).exists():
+            if name in self.models:
+                await self._forget(name)
+            return
+        state = self.models.get(name)
+        try:
+            config = self._read_config(name)
+        except ValueError as exc:
+            if state is None or state.problem != str(exc):
+                log.error("model %s not served: %s", name, exc)
             if state is None:
-                state = self.models[name] = ModelState(config)
+                state = self.models[name] = ModelState(None)
                 self.metrics.model_known(name)
-            state.config, state.problem = config, None
-            state.available = list_versions(repo / name)
-            now = time.monotonic()
-            for version in [v for v in state.failed if v not in state.available]:
-                del state.failed[version]
-            while True:  # until every wanted version is loaded; failures drop out of the choice
-                blocked = [v for v, f in state.failed.items() if f.retry_at > now]
-                wanted = config.version_policy.select([v for v in state.available if v not in blocked])
-                missing = [v for v in wanted if v not in state.versions and v not in blocked]
-                if not missing:
-                    break
-                for version in missing:
-                    await self._load(name, config, version, state)
-                now = time.monotonic()
-            for version in [v for v in state.versions if v not in wanted]:
-                await self._unload(state, version)
-            if not state.versions and not state.available:
-                log.warning("model %s not ready: no version published yet in %s", name, repo / name)
+            state.problem = str(exc)  # a model already serving keeps its loaded versions
             self.metrics.ready.labels(name).set(1 if state.versions else 0)
+            return
+        if state is None:
+            state = self.models[name] = ModelState(config)
+            self.metrics.model_known(name)
+        state.config, state.problem = config, None
+        state.held = self.wanted is not None and name not in self.wanted
+        state.available = list_versions(repo / name)
+        now = time.monotonic()
+        for version in [v for v in state.failed if v not in state.available]:
+            del state.failed[version]
+        while True:  # until every wanted version is loaded; failures drop out of the choice
+            blocked = [v for v, f in state.failed.items() if f.retry_at > now]
+            wanted = [] if state.held else config.version_policy.select(
+                [v for v in state.available if v not in blocked])
+            missing = [v for v in wanted if v not in state.versions and v not in blocked]
+            if not missing:
+                break
+            for version in missing:
+                await self._load(name, config, version, state)
+            now = time.monotonic()
+        for version in [v for v in state.versions if v not in wanted]:
+            await self._unload(state, version)
+        if not state.versions and not state.available and not state.held:
+            log.warning("model %s not ready: no version published yet in %s", name, repo / name)
+        self.metrics.ready.labels(name).set(1 if state.versions else 0)
 
     async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:
         try:
@@ -400,6 +488,10 @@ class ModelManager:
         log.info("model %s removed from the repository", name)
 
     async def start_polling(self) -> None:
+        """Poll the repository (model control mode poll); the other modes change only by API or not at all."""
+        if self.settings.model_control_mode != "poll":
+            return
+
         async def poll() -> None:
             while True:
                 await asyncio.sleep(self.settings.poll_interval_s)

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is checked for versions.")
     retry_failed_s: float = Field(30.0, gt=0, description=(
         "First wait before a version that failed to load is tried again (doubles each time, up to 1 h)."))
+    model_control_mode: Literal["poll", "explicit", "none"] = Field("poll", description=(
+        "poll: versions appear and go as the repository changes; none: the repository as it was at start; "
+        "explicit: models load and unload only through the v2 repository API (needs an API key)."))
+    load_models: list[str] = Field(default_factory=list, description=(
+        "explicit mode: the models loaded at start ('*': all); the others wait for a load call."))
     strict_readiness: bool = Field(False, description=(
         "Server readiness requires every model in the repository to be ready (Triton's --strict-readiness); "
         "off: one ready model is enough, and per-model readiness tells the rest."))
@@ -103,6 +108,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("give api_key or api_key_file, not both")
+        if self.model_control_mode == "explicit" and self.api_key is None and self.api_key_file is None:
+            raise ValueError("model_control_mode explicit lets clients load and unload models: it needs api_key "
+                             "or api_key_file")
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("load_models applies to model_control_mode explicit (the other modes load every model)")
         return self
 
     def resolved_api_key(self) -> bytes | None:

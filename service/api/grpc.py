@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from service.api.grpc_edge import BadMessage, EdgeInterceptor
 from service.api.grpc_gen import grpc_predict_v2_pb2 as pb
 from service.api.grpc_gen import sampserve_pb2 as tasks_pb
-from service.dataplane import DataPlane, TensorInput
+from service.dataplane import EXTENSIONS, DataPlane, TensorInput
 from service.errors import InvalidInput
 from service.generation import SamplingParams
 from service.metrics import Metrics
@@ -91,7 +91,7 @@ class InferenceServicer:
         return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None)[0])
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         meta = self.dataplane.model_metadata(request.name, request.version or None)
@@ -111,6 +111,37 @@ class InferenceServicer:
             outputs=[pb.ModelInferResponse.InferOutputTensor(name=result.output_name, datatype="FP32",
                                                              shape=list(values.shape))],
             raw_output_contents=[values.tobytes()])
+
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        _one_repository(request.repository_name)
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            entry(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in self.dataplane.repository_index(request.ready)])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        _one_repository(request.repository_name)
+        await self.dataplane.load_model(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        _one_repository(request.repository_name)
+        await self.dataplane.unload_model(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _one_repository(name: str) -> None:
+    """One repository per server: a named one (Triton serves several) is refused, not silently ignored."""
+    if name:
+        raise InvalidInput("repository_name: this server serves one repository; leave it empty")
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in parameters.items()}
 
 
 class TasksServicer:

@@ -22,11 +22,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field, field_validator
 
-from service.api import openai, v2_generate
+from service.api import openai, repository, v2_generate
 from service.api.bodies import documented, parse_body
 from service.api.http_errors import error_body
 from service.api.v2_infer import InferRequest, InferResponse, StrictBody, answer_infer
-from service.dataplane import DataPlane
+from service.dataplane import EXTENSIONS, DataPlane
 from service.errors import InvalidInput, ServiceError
 from service.metrics import Metrics
 
@@ -168,7 +168,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
 
     @app.get("/v2")
     async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -198,6 +198,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
 
     app.include_router(v2_generate.router(dataplane))
     app.include_router(openai.router(dataplane))
+    app.include_router(repository.router(dataplane))
 
     # -- task endpoints (v1) --
 
