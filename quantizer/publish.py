@@ -115,7 +115,7 @@ def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) 
         ONNX_FILE: info.path,
         TOKENIZER_FILE: raw_tokenizer(checkpoint.tokenizer).to_str().encode(),
         HEAD_FILE: served_head(checkpoint, info).to_json(),
-    }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized"})
+    }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized", "quantized": False})
 
 
 def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 SERVE = "serve"
+TRAIN_EXTRA_MODULES = frozenset({"torch", "typer", "rich", "safetensors", "onnx", "onnx_ir", "matplotlib", "gguf",
+                                 "sentence_transformers", "transformers"})
+"""What the subcommands other than serve import from the train extra (pyproject.toml)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,8 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.__main__ import main as serve
 
         return serve(args[1:], prog=f"sampserve {SERVE}")
-    from sampserve.commands import run
-
+    try:
+        from sampserve.commands import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAIN_EXTRA_MODULES:
+            raise
+        command = f"sampserve {args[0]}" if args else "sampserve"
+        print(f"{command}: needs the train extra ({exc.name} is not installed): pip install 'sampserve[train]' "
+              "(`sampserve serve` needs only the base install)", file=sys.stderr)
+        return 2
     run(args)
     return 0
 

@@ -18,7 +18,8 @@ from training.components import POOLING, REGISTRIES, TARGETS
 from training.config import available_configs
 
 app = typer.Typer(help="sampserve: train, convert, quantize and serve transformer models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  rich_markup_mode="markdown")
 data_app = typer.Typer(help="Build data sets from what this machine's packages ship.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
@@ -42,6 +43,9 @@ def up(
     with_: Annotated[list[str] | None, typer.Option(
         "--with", help="Optional models to build too: crosslingual (a German/French/...-English sentence "
                        "encoder distilled from multilingual-e5-small; about an hour on 2 cores).")] = None,
+    fp32: Annotated[bool, typer.Option(
+        "--fp32", help="Fast start: publish only the default embedder, unquantized (under a minute), and serve "
+                       "it; a later plain `sampserve up` publishes the SAMP plan as its next version.")] = False,
 ) -> None:
     """The main job: build the default model repository and serve it. Imports the bundled
     all-MiniLM-L6-v2 into our format (checking parity with sentence-transformers), quantizes it
@@ -52,7 +56,7 @@ def up(
     from sampserve.up import up as build_and_serve
 
     raise typer.Exit(build_and_serve(workdir, repo, rebuild=rebuild, serve=serve_after, http_port=http_port,
-                                     console=console, extras=tuple(with_ or ())))
+                                     console=console, extras=tuple(with_ or ()), fp32=fp32))
 
 
 @app.command()
@@ -99,7 +103,7 @@ def parity(
         help="The Hugging Face folder to compare with (default: the one the checkpoint was imported from)."
     )] = None,
 ) -> None:
-    """Compare our model's outputs with the reference implementation; ends with max_abs_diff=<value>."""
+    """Compare our model's outputs with the reference implementation; ends with max_abs_diff=VALUE."""
     from training.jobs import bundled_minilm_dir, is_hf_dir, load_any
     from training.parity import PARITY_SENTENCES, sentence_transformers_diff, transformers_diff
     from training.tokenization import configured, encode

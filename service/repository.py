@@ -473,7 +473,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_manifest(version_dir: Path) -> Manifest:
+def load_manifest(version_dir: Path) -> Manifest:
     """Parse manifest.json, naming the file and field on failure."""
     path = version_dir / MANIFEST_FILE
     data = _read_json(path, ManifestError)
@@ -527,7 +527,7 @@ def verify(version_dir: Path) -> Manifest:
     version_dir = Path(version_dir)
     if not version_dir.is_dir():
         raise ManifestError(f"{version_dir}: not a directory")
-    manifest = _load_manifest(version_dir)
+    manifest = load_manifest(version_dir)
     problems = []
     if not _VERSION_NAME.fullmatch(version_dir.name) or int(version_dir.name) != manifest.version:
         problems.append(

@@ -33,7 +33,7 @@ from service.dataplane import DataPlane
 from service.logs import configure
 from service.metrics import Metrics
 from service.models import ModelManager
-from service.net import bind
+from service.net import PortInUse, bind_port
 from service.settings import Settings
 
 log = logging.getLogger("sampserve")
@@ -98,19 +98,26 @@ async def serve(settings: Settings) -> int:
     raise_file_limit()
     metrics = Metrics()
     models = ModelManager(settings, metrics)
+    dataplane = DataPlane(models, settings, metrics)
+    # The ports are bound before the models load (minutes, for big ones), so a port in use is one line
+    # at once; they accept connections only once the models are loaded (the startup probe's meaning).
+    try:
+        grpc_server = GrpcServer(dataplane, metrics, settings, api_key)
+        sock = bind_port(settings.host, settings.http_port, "REST", "http_port")
+        metrics_sock = None if settings.metrics_port is None else bind_port(
+            settings.host, settings.metrics_port, "metrics", "metrics_port")
+    except PortInUse as exc:
+        log.error("%s", exc)
+        return 2
     await models.refresh()
     await models.start_polling()
-    dataplane = DataPlane(models, settings, metrics)
     app = create_app(dataplane, metrics, serve_metrics=settings.metrics_port is None, docs=settings.docs)
     # v2 infer goes straight to its handler, the rest through FastAPI (why: service.api.v2_infer)
     edge = Gate(InferDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, api_key,
                 settings.access_log)
-    grpc_server = GrpcServer(dataplane, metrics, settings, api_key)
     await grpc_server.start()
-    sock = bind(settings.host, settings.http_port)
     servers = [(uvicorn.Server(_uvicorn_config(edge, settings, metrics, "http")), sock)]
-    if settings.metrics_port is not None:
-        metrics_sock = bind(settings.host, settings.metrics_port)
+    if metrics_sock is not None:
         servers.append((uvicorn.Server(_uvicorn_config(make_asgi_app(metrics.registry), settings, metrics,
                                                        "metrics")), metrics_sock))
     for server, _ in servers:

@@ -128,3 +128,14 @@ def test_design_notes_give_every_server_setting_a_reason():
     section = design.split("## The server's defaults", 1)[1].split("\n## ", 1)[0]
     missing = [name for name in Settings.model_fields if f"`{name}`" not in section]
     assert not missing, f"docs/design.md, 'The server's defaults', does not mention {missing}"
+
+
+def test_cli_reference_is_generated_from_the_current_help():
+    """docs/cli.md is the commands' own --help; regenerate it when a command or flag changes."""
+    from pathlib import Path
+
+    from sampserve.cli_reference import render
+
+    reference = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert reference.read_text(encoding="utf-8") == render(), \
+        "docs/cli.md is stale: python -m sampserve.cli_reference > docs/cli.md"

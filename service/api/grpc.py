@@ -25,6 +25,7 @@ from service.dataplane import EXTENSIONS, DataPlane, TensorInput
 from service.errors import InvalidInput
 from service.generation import SamplingParams
 from service.metrics import Metrics
+from service.net import PortInUse, bind_port, port_message
 from service.settings import Settings
 from service.tensors import decode_bytes_elements, utf8
 
@@ -282,17 +283,22 @@ class GrpcServer:
         reflection.enable_server_reflection(names, self.server)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         address = f"{host}:{settings.grpc_port}"
-        if settings.tls:
-            assert settings.tls_cert_file is not None and settings.tls_key_file is not None
-            ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-                root_certificates=ca, require_client_auth=ca is not None)
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        if settings.grpc_port:  # checked with a socket of our own first: grpc core logs its failure in lines
+            bind_port(settings.host, settings.grpc_port, "gRPC", "grpc_port").close()
+        try:
+            if settings.tls:
+                assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+                ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                    root_certificates=ca, require_client_auth=ca is not None)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # taken between the check and here
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"gRPC could not bind {address}")
+            raise PortInUse(port_message(settings.host, settings.grpc_port, "gRPC", "grpc_port", None))
         self.dataplane = dataplane
 
     async def start(self) -> None:

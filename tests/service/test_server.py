@@ -33,3 +33,24 @@ def test_a_missing_repository_fails_at_start_with_its_path(tmp_path):
                            "--grpc-port", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert str(missing) in done.stderr and "not a directory" in done.stderr
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting_before_any_model_loads(tmp_path):
+    import subprocess
+    import sys
+
+    taken = bind("127.0.0.1", 0)
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for flag, what, setting in (("--http-port", "REST", "HTTP_PORT"), ("--grpc-port", "gRPC", "GRPC_PORT")):
+            ports = {"--http-port": "0", "--grpc-port": "0", flag: str(port)}
+            done = subprocess.run([sys.executable, "-m", "service", "--repo", str(tmp_path),
+                                   *[x for pair in ports.items() for x in pair]],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1, done.stderr
+            assert f"{what} port {port} on 127.0.0.1 is in use" in lines[0] and f"SAMPSERVE_{setting}" in lines[0]
+    finally:
+        taken.close()
