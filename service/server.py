@@ -28,7 +28,7 @@ from service.api.connections import guarded_protocol
 from service.api.gate import Gate
 from service.api.grpc import GrpcServer
 from service.api.rest import create_app
-from service.api.v2_infer import InferDoor
+from service.api.door import FastDoor
 from service.dataplane import DataPlane
 from service.logs import configure
 from service.metrics import Metrics
@@ -113,7 +113,7 @@ async def serve(settings: Settings) -> int:
     await models.start_polling()
     app = create_app(dataplane, metrics, serve_metrics=settings.metrics_port is None, docs=settings.docs)
     # v2 infer goes straight to its handler, the rest through FastAPI (why: service.api.v2_infer)
-    edge = Gate(InferDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, api_key,
+    edge = Gate(FastDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, api_key,
                 settings.access_log)
     await grpc_server.start()
     servers = [(uvicorn.Server(_uvicorn_config(edge, settings, metrics, "http")), sock)]

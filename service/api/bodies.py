@@ -15,10 +15,14 @@ Body = TypeVar("Body", bound=StrictBody)
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
+    return parse_json(await request.body(), schema)
+
+
+def parse_json(raw: bytes, schema: type[Body]) -> Body:
     """The JSON body through orjson (lone surrogates and nesting past 1024 levels are a 400, where
     the standard library would accept the first and overflow the stack on the second), then the schema."""
     try:
-        payload = orjson.loads(await request.body())
+        payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     try:

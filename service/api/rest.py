@@ -9,21 +9,20 @@ protocol says, and OpenAI's ``{"error": {"message", "type", "code"}}`` on the /v
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from service.api import openai, repository, v2_generate
 from service.api.bodies import documented, parse_body
+from service.api.embeddings import EmbeddingsRequest, answer_embeddings
 from service.api.http_errors import error_body
 from service.api.v2_infer import InferRequest, InferResponse, StrictBody, answer_infer
 from service.dataplane import EXTENSIONS, DataPlane
@@ -43,46 +42,6 @@ class FastJSONResponse(JSONResponse):
 
 
 # ---------------------------------------------------------------- schemas (task endpoints)
-
-
-class EmbeddingsRequest(StrictBody):
-    """OpenAI's embeddings body: ``input`` is a string, a list of strings, a list of token ids or a list
-    of lists of token ids (ids of the model's own vocabulary, as POST /tokenize returns them)."""
-
-    model: str
-    input: str | list[str] | list[list[int]] = Field(
-        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="Keep the first this many components, normalized again.")
-    user: str | None = Field(None, description="Accepted and ignored.")
-    truncate: bool = Field(False, description="Cut inputs longer than the model's limit instead of a 400.")
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _one_shape(cls, value: Any) -> Any:
-        """One of the four shapes, token ids as rows; anything else is one clear message."""
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list):
-            if all(isinstance(v, str) for v in value):
-                return value
-            if all(_is_id(v) for v in value):
-                return [value]  # one input given as its token ids
-            if all(isinstance(v, list) and v and all(_is_id(t) for t in v) for v in value):
-                return value
-        raise ValueError("must be a string, a list of strings, a list of token ids (integers) or a list of "
-                         "non-empty lists of token ids")
-
-    def texts_or_ids(self) -> tuple[list[str], list[list[int]] | None]:
-        if isinstance(self.input, str):
-            return [self.input], None
-        if self.input and isinstance(self.input[0], list):
-            return [], self.input  # type: ignore[return-value]
-        return self.input, None  # type: ignore[return-value]
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ClassifyRequest(StrictBody):
@@ -211,20 +170,11 @@ def create_app(dataplane: DataPlane, metrics: Metrics, serve_metrics: bool = Tru
             for name, state in sorted(models.models.items())]}
 
     @app.post("/v1/embeddings", response_model=dict, openapi_extra=documented(EmbeddingsRequest))
-    async def embeddings(request: Request) -> Response:
-        body = await parse_body(request, EmbeddingsRequest)
-        texts, token_ids = body.texts_or_ids()
-        result = await dataplane.embed(body.model, texts, body.truncate, token_ids=token_ids,
-                                       dimensions=body.dimensions)
-
-        def encode(row: np.ndarray) -> np.ndarray | str:
-            if body.encoding_format == "base64":  # what the openai client asks for by default
-                return base64.b64encode(row.astype("<f4").tobytes()).decode()
-            return row.astype(np.float32)
-
-        return FastJSONResponse({"object": "list", "model": body.model, "data": [
-            {"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(result.values)],
-            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}})
+    async def embeddings_route(request: Request) -> Response:
+        """OpenAI's embeddings (the server sends these requests to ``answer_embeddings`` before FastAPI;
+        this route documents the call and serves the app where it runs without that door)."""
+        reply = await answer_embeddings(dataplane, await request.body())
+        return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
 
     @app.post("/v1/classify", openapi_extra=documented(ClassifyRequest))
     async def classify(request: Request) -> dict:

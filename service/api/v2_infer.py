@@ -1,11 +1,5 @@
-"""The Open Inference Protocol's HTTP infer call: its schemas, one function that answers it, and a
-raw ASGI door in front of FastAPI that sends infer requests straight to that function.
-
-Why a door: at 64 clients on 2 cores, FastAPI's routing, dependency and middleware layers took 43%
-of the event loop's CPU per infer request (2.8 vs 1.6 s per 12 s run), and that CPU is taken from
-the model: with the door the server answered 12% more requests/s (docs/benchmarks.md). Every other
-route (health, metadata, /v1, /metrics, the OpenAPI document) stays in FastAPI, whose infer route
-calls the same ``answer_infer``, so there is one implementation of the call.
+"""The Open Inference Protocol's HTTP infer call: its schemas and one function that answers it
+(``answer_infer``), called by the fast door (``service.api.door``) and by FastAPI's route alike.
 
 Bodies are JSON, or the binary tensor extension (what tritonclient sends): a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes.
@@ -13,8 +7,6 @@ Bodies are JSON, or the binary tensor extension (what tritonclient sends): a JSO
 
 from __future__ import annotations
 
-import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +19,6 @@ from service.dataplane import MAX_DIMS, DataPlane, TensorInput
 from service.errors import InvalidInput, ServiceError
 from service.tensors import decode_bytes_elements
 
-log = logging.getLogger("sampserve")
 
 # ---------------------------------------------------------------- schemas
 
@@ -189,44 +180,3 @@ async def answer_infer(dataplane: DataPlane, name: str, version: str | None, raw
     encoded = orjson.dumps(header)
     return Reply(200, encoded + blob, "application/octet-stream",
                  {"Inference-Header-Content-Length": str(len(encoded))})
-
-
-# ---------------------------------------------------------------- the door
-
-_INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
-
-
-class InferDoor:
-    """ASGI: POSTs to the v2 infer paths go to ``answer_infer``; everything else to ``app``. The gate
-    in front (service.api.gate) has already read the body within its limits."""
-
-    def __init__(self, app: Any, dataplane: DataPlane) -> None:
-        self.app, self.dataplane = app, dataplane
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        match = _INFER_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            reply = await self._answer(match["name"], match["version"], scope, receive)
-        except Exception:  # what the framework's error middleware would do: a 500, logged, never a crash
-            log.exception("infer request failed")
-            reply = Reply(500, orjson.dumps({"error": "internal error; see the server log"}))
-        headers = [(b"content-type", reply.content_type.encode()), (b"content-length", str(len(reply.body)).encode()),
-                   *((k.lower().encode(), v.encode()) for k, v in reply.headers.items())]
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body})
-
-    async def _answer(self, name: str, version: str | None, scope: dict, receive: Any) -> Reply:
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return Reply(499, b"")  # the client has gone; nothing will read the answer
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        header_length = next((v.decode("latin-1") for k, v in scope["headers"]
-                              if k == b"inference-header-content-length"), None)
-        return await answer_infer(self.dataplane, name, version, b"".join(chunks), header_length)

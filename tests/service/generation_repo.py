@@ -102,7 +102,7 @@ async def serve_in_process(repo: Path, **settings: Any) -> AsyncIterator[InProce
 
     from service.api.gate import Gate
     from service.api.rest import create_app
-    from service.api.v2_infer import InferDoor
+    from service.api.door import FastDoor
     from service.dataplane import DataPlane
     from service.metrics import Metrics
     from service.models import ModelManager
@@ -115,7 +115,7 @@ async def serve_in_process(repo: Path, **settings: Any) -> AsyncIterator[InProce
     await models.refresh()
     dataplane = DataPlane(models, config, metrics)
     app = create_app(dataplane, metrics)
-    gate = Gate(InferDoor(app, dataplane), metrics, config.max_body_bytes, config.body_timeout_s, None, False)
+    gate = Gate(FastDoor(app, dataplane), metrics, config.max_body_bytes, config.body_timeout_s, None, False)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(gate, log_config=None, log_level="warning", access_log=False,

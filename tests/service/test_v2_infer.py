@@ -1,5 +1,5 @@
-"""The v2 infer door (behind the gate, as served) against FastAPI's own infer route: one
-implementation, the same answers."""
+"""The fast door (behind the gate, as served) against FastAPI's own routes for v2 infer and
+/v1/embeddings: one implementation each, the same answers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from service.api.gate import Gate
 from service.api.rest import create_app
-from service.api.v2_infer import InferDoor
+from service.api.door import FastDoor
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.models import ModelManager
@@ -25,7 +25,7 @@ async def clients(repo: Path):
     await models.refresh()
     dataplane = DataPlane(models, settings, metrics)
     app = create_app(dataplane, metrics)
-    door = Gate(InferDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, None, False)
+    door = Gate(FastDoor(app, dataplane), metrics, settings.max_body_bytes, settings.body_timeout_s, None, False)
     async with (httpx.AsyncClient(transport=httpx.ASGITransport(app=door), base_url="http://door") as via_door,
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as via_app):
         yield via_door, via_app, metrics
@@ -42,6 +42,12 @@ def _infer(texts: list[str]) -> dict:
     ("/v2/models/emb/infer", {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}, 400),
     ("/v2/models/nope/infer", _infer(["hello"]), 404),
     ("/v2/models/emb/versions/9/infer", _infer(["hello"]), 404),
+    ("/v1/embeddings", {"model": "emb", "input": ["hello world", "a second text"]}, 200),
+    ("/v1/embeddings", {"model": "emb", "input": "hello", "encoding_format": "base64", "dimensions": 8}, 200),
+    ("/v1/embeddings", {"model": "emb", "input": [[101, 7592, 102]]}, 200),
+    ("/v1/embeddings", {"model": "emb", "input": [1.5]}, 400),
+    ("/v1/embeddings", {"model": "emb", "input": "x", "dimensions": 100000}, 400),
+    ("/v1/embeddings", {"model": "nope", "input": "x"}, 404),
 ])
 async def test_the_door_answers_as_the_fastapi_route_does(clients, path, body, status):
     via_door, via_app, _ = clients
