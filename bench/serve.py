@@ -1,13 +1,16 @@
-"""Serving benchmark: sampserve against the in-process ceiling and MLServer, side by side, one run.
+"""Serving benchmark: sampserve against the in-process ceiling, MLServer and infinity-emb, side by side, one run.
 
-    python bench/serve.py                    # writes its section of docs/benchmarks.md
+    python bench/serve.py                    # writes its sections of docs/benchmarks.md and docs/serving.png
+    python bench/serve.py --endpoints-only   # only /v1/embeddings against v2 infer on one server
 
-The same FP32 ONNX file of all-MiniLM-L6-v2 is served by: sampserve REST (batching on and off)
-and gRPC, MLServer 1.7.1 (minimal onnxruntime runtime, batching off and adaptive), and, for the
-gain a user gets, sampserve REST with the SAMP plan. Load comes from bench/loadgen.py in its own
-process (Debian's wrk where installed, else aiohttp; grpc.aio), one real sentence per request, at 1,
-16 and 64 closed-loop clients. The ceiling is the same file through onnxruntime in-process with
-length-sorted batches.
+The same FP32 ONNX file of all-MiniLM-L6-v2 is served by: sampserve REST (v2 infer and OpenAI's
+/v1/embeddings; batching on and off) and gRPC, MLServer 1.7.1 (minimal onnxruntime runtime, batching
+off and adaptive); infinity-emb 0.0.78 serves the same model from its Hugging Face folder on its
+torch engine; and, for the gain a user gets, sampserve REST with the SAMP plan. Load comes from
+bench/loadgen.py in its own process (Debian's wrk where installed, else aiohttp; grpc.aio), one real
+sentence per request, at 1, 16 and 64 closed-loop clients. The ceiling is the same file through
+onnxruntime in-process with length-sorted batches. The peers run from their own virtualenvs
+(bench/peers/README.md) and are skipped, with a line saying so, where those are missing.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from training.jobs import bundled_minilm_dir, console, import_checkpoint  # noqa
 from training.tokenization import configured  # noqa: E402
 
 MARKS = ("<!-- bench/serve.py begin -->", "<!-- bench/serve.py end -->")
+ENDPOINT_MARKS = ("<!-- bench/serve.py endpoints begin -->", "<!-- bench/serve.py endpoints end -->")
 PEER_PYTHON = Path("/tmp/mlserver-env/bin/python")
+INFINITY = Path("/tmp/infinity-env/bin/infinity_emb")
+PLOT = ROOT / "docs" / "serving.png"
 
 
 def free_port() -> int:
@@ -78,10 +84,11 @@ def http_client() -> str:
 
 
 def load(url: str, model: str, clients: int, seconds: float, sentence_file: Path, protocol: str = "http",
-         client: str | None = None) -> dict:
+         client: str | None = None, path: str = "v2") -> dict:
+    """One closed-loop point from bench/loadgen.py: ``path`` v2 (infer) or v1 (OpenAI's embeddings)."""
     command = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--model", model, "--clients",
                str(clients), "--seconds", str(seconds), "--sentences", str(sentence_file), "--protocol", protocol,
-               "--client", client or http_client()]
+               "--client", client or http_client(), "--path", path]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -180,7 +187,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3,
                         help="alternating gRPC / REST runs at the most clients, on the same server")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--endpoints-only", action="store_true",
+                        help="only /v1/embeddings against v2 infer, alternating on one server (its own section)")
     args = parser.parse_args()
+    if args.endpoints_only:
+        endpoints_only(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     texts = sentences()
     sentence_file = work / "sentences.json"
@@ -201,13 +213,14 @@ def main() -> None:
         url = f"http://127.0.0.1:{http}"
         wait_ready(url)
         for clients in args.clients:
-            for label, model, protocol, target, client in (
-                ("sampserve REST, FP32", "fp32", "http", url, None),
-                ("sampserve REST, FP32, batching off", "fp32-nobatch", "http", url, None),
-                ("sampserve gRPC, FP32", "fp32", "grpc", f"127.0.0.1:{grpc_port}", None),
+            for label, model, protocol, target, client, path in (
+                ("sampserve REST, FP32", "fp32", "http", url, None, "v2"),
+                ("sampserve REST /v1/embeddings, FP32", "fp32", "http", url, None, "v1"),
+                ("sampserve REST, FP32, batching off", "fp32-nobatch", "http", url, None, "v2"),
+                ("sampserve gRPC, FP32", "fp32", "grpc", f"127.0.0.1:{grpc_port}", None, "v2"),
                 # a Python client, like the gRPC one: REST and gRPC compared at the same client cost
-                ("sampserve REST, FP32, aiohttp client", "fp32", "http", url, "aiohttp"),
-                ("sampserve REST, SAMP plan", "samp", "http", url, None),
+                ("sampserve REST, FP32, aiohttp client", "fp32", "http", url, "aiohttp", "v2"),
+                ("sampserve REST, SAMP plan", "samp", "http", url, None, "v2"),
             ):
                 if model == "samp" and not (repo / "samp").exists():
                     continue
@@ -218,11 +231,12 @@ def main() -> None:
                                            sentence_file)
                     result = paired[0][1]
                 else:
-                    result = load(target, model, clients, args.seconds, sentence_file, protocol, client)
+                    result = load(target, model, clients, args.seconds, sentence_file, protocol, client, path)
                 rows.append((label, clients, result))
                 console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
                               f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
         pairs = transport_pairs(url, f"127.0.0.1:{grpc_port}", max(args.clients), args, sentence_file)
+        endpoints = endpoint_pairs(url, max(args.clients), args, sentence_file)
     finally:
         ours.stop()
 
@@ -230,10 +244,120 @@ def main() -> None:
         rows += run_mlserver(repo / "fp32" / "1", args, sentence_file)
     else:
         console.print(f"MLServer peer skipped: {PEER_PYTHON} missing (see bench/peers/README.md)")
+    if INFINITY.exists():
+        rows += run_infinity(args, sentence_file)
+    else:
+        console.print(f"infinity-emb peer skipped: {INFINITY} missing (see bench/peers/README.md)")
 
-    write_section(markdown(rows, (rate, batch, sessions), paired, args) + pairs_markdown(pairs, max(args.clients)),
-                  args.out, MARKS)
+    plot(rows, PLOT)
+    write_section(markdown(rows, (rate, batch, sessions), paired, args) + pairs_markdown(pairs, max(args.clients))
+                  + "\n![req/s and p99 against clients](serving.png)\n", args.out, MARKS)
+    write_section(endpoints_markdown(endpoints, max(args.clients), args), args.out, ENDPOINT_MARKS)
+    console.print(f"wrote {args.out} and {PLOT}")
+
+
+def endpoints_only(args: argparse.Namespace) -> None:
+    """/v1/embeddings and v2 infer alternating on one sampserve (FP32), at the most clients."""
+    work = Path(tempfile.mkdtemp(prefix="bench-endpoints-"))
+    sentence_file = work / "sentences.json"
+    sentence_file.write_text(json.dumps(sentences()))
+    repo = prepare_repo(work)
+    http, grpc_port = free_port(), free_port()
+    ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+                    "--grpc-port", str(grpc_port), "--threads", str(args.threads),
+                    "--instances", str(args.instances)])
+    try:
+        url = f"http://127.0.0.1:{http}"
+        wait_ready(url)
+        load(url, "fp32", max(args.clients), 3, sentence_file)  # warm-up, not recorded
+        endpoints = endpoint_pairs(url, max(args.clients), args, sentence_file)
+    finally:
+        ours.stop()
+    write_section(endpoints_markdown(endpoints, max(args.clients), args), args.out, ENDPOINT_MARKS)
     console.print(f"wrote {args.out}")
+
+
+def endpoint_pairs(url: str, clients: int, args: argparse.Namespace, sentence_file: Path) -> list[tuple[dict, dict]]:
+    """v2 infer and /v1/embeddings alternately on the same server and model, ``args.pairs`` times, one
+    sentence per request from the same load generator: what each route's own cost leaves to the model."""
+    pairs = []
+    for index in range(args.pairs):
+        v2 = load(url, "fp32", clients, args.seconds, sentence_file, path="v2")
+        v1 = load(url, "fp32", clients, args.seconds, sentence_file, path="v1")
+        pairs.append((v2, v1))
+        console.print(f"pair {index + 1}: v2 infer {v2['rps']:.1f} / v1 embeddings {v1['rps']:.1f} req/s")
+    return pairs
+
+
+def endpoints_markdown(pairs: list[tuple[dict, dict]], clients: int, args: argparse.Namespace) -> str:
+    ratios = [v1["rps"] / v2["rps"] for v2, v1 in pairs]
+    listed = ", ".join(f"{v1['rps']:.1f} / {v2['rps']:.1f} (p99 {v1['p99_ms']:.0f} / {v2['p99_ms']:.0f} ms)"
+                       for v2, v1 in pairs)
+    return ("## Serving: OpenAI's /v1/embeddings against v2 infer\n\n"
+            f"`python bench/serve.py --endpoints-only` ({machine()}; {args.seconds:.0f} s per point, {clients} "
+            f"clients, {http_client()}, one real sentence per request, the FP32 MiniLM, sampserve with "
+            f"{args.instances} instances of {args.threads} threads). The two routes alternately on the same server, "
+            f"/v1 / v2 req/s: {listed}; mean ratio **{sum(ratios) / len(ratios):.2f}** (each pair "
+            f"{min(ratios):.2f}-{max(ratios):.2f}). Both are answered by the fast door in front of FastAPI "
+            "(service/api/door.py); before it, /v1/embeddings went through FastAPI's routing and served 359 req/s "
+            "to v2 infer's 496 (0.72) on AMD EPYC with AVX-512 VNNI.\n")
+
+
+def run_infinity(args: argparse.Namespace, sentence_file: Path) -> list[tuple[str, int, dict]]:
+    """infinity-emb 0.0.78 (a TEI-like OpenAI-compatible embedding server) on its torch engine, the same
+    all-MiniLM-L6-v2 from its local Hugging Face folder; its own dynamic batching."""
+    rows = []
+    http = free_port()
+    label = "infinity-emb 0.0.78, torch FP32"
+    peer = Process([str(INFINITY), "v2", "--model-id", str(bundled_minilm_dir()), "--served-model-name", "minilm",
+                    "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(http),
+                    "--url-prefix", "/v1", "--batch-size", "32", "--no-model-warmup"],
+                   env={"OMP_NUM_THREADS": str(args.threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+                        "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        url = f"http://127.0.0.1:{http}"
+        wait_ready(url, timeout=300, path="/health")  # infinity serves health outside its prefix
+        load(url, "minilm", max(args.clients), 3, sentence_file, path="v1")  # warm-up, not recorded
+        for clients in args.clients:
+            result = load(url, "minilm", clients, args.seconds, sentence_file, path="v1")
+            rows.append((label, clients, result))
+            console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
+                          f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+    finally:
+        peer.stop()
+    return rows
+
+
+PLOTTED = ("sampserve REST, FP32", "sampserve REST /v1/embeddings, FP32", "sampserve REST, SAMP plan",
+           "MLServer 1.7.1, FP32, adaptive batching 32 / 5 ms", "infinity-emb 0.0.78, torch FP32")
+
+
+def plot(rows: list[tuple[str, int, dict]], out: Path) -> None:
+    """req/s and p99 against clients, one line per server (matplotlib, for docs/benchmarks.md)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rate, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in PLOTTED:
+        points = sorted((clients, r) for name, clients, r in rows if name == label)
+        if not points:
+            continue
+        xs = [clients for clients, _ in points]
+        rate.plot(xs, [r["rps"] for _, r in points], marker="o", label=label)
+        tail.plot(xs, [r["p99_ms"] for _, r in points], marker="o", label=label)
+    for axis, title in ((rate, "requests/s (higher is better)"), (tail, "p99 latency, ms (lower is better)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("closed-loop clients")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    tail.set_yscale("log")
+    rate.legend(fontsize=7)
+    figure.suptitle(f"one sentence per request, all-MiniLM-L6-v2 ({machine()})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
 
 
 def ceiling_pairs(model_dir: Path, texts: list[str], best: tuple[int, int], url: str, clients: int,
