@@ -299,8 +299,9 @@ def endpoints_markdown(pairs: list[tuple[dict, dict]], clients: int, args: argpa
             f"{args.instances} instances of {args.threads} threads). The two routes alternately on the same server, "
             f"/v1 / v2 req/s: {listed}; mean ratio **{sum(ratios) / len(ratios):.2f}** (each pair "
             f"{min(ratios):.2f}-{max(ratios):.2f}). Both are answered by the fast door in front of FastAPI "
-            "(service/api/door.py); before it, /v1/embeddings went through FastAPI's routing and served 359 req/s "
-            "to v2 infer's 496 (0.72) on AMD EPYC with AVX-512 VNNI.\n")
+            "(service/api/door.py). Before it, /v1/embeddings went through FastAPI's routing: on 1 December, on "
+            "the default repository's SAMP plan at 64 clients (AMD EPYC with AVX-512 VNNI), it served 359 req/s to "
+            "v2 infer's 496 (0.72).\n")
 
 
 def run_infinity(args: argparse.Namespace, sentence_file: Path) -> list[tuple[str, int, dict]]:
