@@ -205,13 +205,8 @@ def main() -> None:
     console.print(f"in-process ceiling: {rate:.0f} sentences/s (length-sorted batches of {batch}, {sessions} "
                   f"session(s) of {args.threads} threads)")
 
-    http, grpc_port = free_port(), free_port()
-    ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
-                    "--grpc-port", str(grpc_port), "--threads", str(args.threads),
-                    "--instances", str(args.instances)])
+    ours, url, grpc_port = start_sampserve(repo, args)
     try:
-        url = f"http://127.0.0.1:{http}"
-        wait_ready(url)
         for clients in args.clients:
             for label, model, protocol, target, client, path in (
                 ("sampserve REST, FP32", "fp32", "http", url, None, "v2"),
@@ -256,19 +251,29 @@ def main() -> None:
     console.print(f"wrote {args.out} and {PLOT}")
 
 
+def start_sampserve(repo: Path, args: argparse.Namespace) -> tuple[Process, str, int]:
+    """sampserve on free loopback ports, ready: (process, REST url, gRPC port)."""
+    http, grpc_port = free_port(), free_port()
+    ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+                    "--grpc-port", str(grpc_port), "--threads", str(args.threads),
+                    "--instances", str(args.instances)])
+    url = f"http://127.0.0.1:{http}"
+    try:
+        wait_ready(url)
+    except RuntimeError:
+        ours.stop()
+        raise
+    return ours, url, grpc_port
+
+
 def endpoints_only(args: argparse.Namespace) -> None:
     """/v1/embeddings and v2 infer alternating on one sampserve (FP32), at the most clients."""
     work = Path(tempfile.mkdtemp(prefix="bench-endpoints-"))
     sentence_file = work / "sentences.json"
     sentence_file.write_text(json.dumps(sentences()))
     repo = prepare_repo(work)
-    http, grpc_port = free_port(), free_port()
-    ours = Process([sys.executable, "-m", "sampserve.cli", "serve", "--repo", str(repo), "--http-port", str(http),
-                    "--grpc-port", str(grpc_port), "--threads", str(args.threads),
-                    "--instances", str(args.instances)])
+    ours, url, _ = start_sampserve(repo, args)
     try:
-        url = f"http://127.0.0.1:{http}"
-        wait_ready(url)
         load(url, "fp32", max(args.clients), 3, sentence_file)  # warm-up, not recorded
         endpoints = endpoint_pairs(url, max(args.clients), args, sentence_file)
     finally:
