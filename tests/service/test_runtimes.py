@@ -54,18 +54,21 @@ async def test_the_server_opens_a_version_without_the_fusions_its_head_json_name
     model_dir = tmp_path / "emb"
     shutil.copytree(repo / "emb", model_dir)
     source = model_dir / "1"
-    head = load_head(source).model_copy(update={"disabled_optimizers": [FUSION]})
-    files: dict[str, Path | bytes] = {p.name: p for p in source.iterdir() if p.name not in (MANIFEST_FILE, HEAD_FILE)}
-    files[HEAD_FILE] = head.to_json()
     metadata = Manifest.model_validate_json((source / MANIFEST_FILE).read_text()).metadata
-    publish(model_dir, files, metadata)
+    # version 1's head.json says what SAMP measured on this machine (either setting); 2 and 3 say each outright
+    for disabled in (None, [FUSION]):
+        head = load_head(source).model_copy(update={"disabled_optimizers": disabled})
+        files: dict[str, Path | bytes] = {p.name: p for p in source.iterdir()
+                                          if p.name not in (MANIFEST_FILE, HEAD_FILE)}
+        files[HEAD_FILE] = head.to_json()
+        publish(model_dir, files, metadata)
     config = model_dir / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "version_policy": {"all": True}}))
 
     manager = ModelManager(Settings(repo=tmp_path, instances=1, threads=1), Metrics())
     await manager.refresh()
     try:
-        first, second = manager.get("emb", 1), manager.get("emb", 2)
+        first, second = manager.get("emb", 2), manager.get("emb", 3)
         assert second.pool.runtimes[0].disabled_optimizers == (FUSION,)
         assert first.pool.runtimes[0].disabled_optimizers == ()
         texts = ["the file could not be opened", "commit the staged changes"]
