@@ -38,6 +38,8 @@ from service.settings import Settings
 
 log = logging.getLogger("sampserve")
 WATCHDOG_MARGIN_S = 5.0
+LISTEN_BACKLOG = 2048
+"""uvicorn's own default backlog: the sockets listen before the startup line is printed."""
 
 
 def raise_file_limit() -> int:
@@ -145,6 +147,8 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
+    for _, bound in servers:  # connectable from the line below on (uvicorn accepts once it runs)
+        bound.listen(LISTEN_BACKLOG)
     host, port = sock.getsockname()[:2]
     health_task = loop.create_task(sync_health())
     scheme = "https" if settings.tls else "http"

@@ -87,10 +87,9 @@ def test_server_image_installs_and_serves_from_its_requirements_alone(tmp_path: 
     python = str(prefix / "bin" / "python")
     missing = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr
-    # the server's own pins agree with each other (sampserve's metadata names the toolkit's deps too,
-    # which the image leaves out on purpose: --no-deps)
-    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, env=env).stdout
-    assert not [line for line in check.splitlines() if line and not line.startswith("sampserve ")], check
+    # the image's pins satisfy every requirement of the base install (the server; the toolkit is an extra)
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout
 
     image_env = {}
     for keyword, args in runtime:
