@@ -228,8 +228,7 @@ def main() -> None:
                 else:
                     result = load(target, model, clients, args.seconds, sentence_file, protocol, client, path)
                 rows.append((label, clients, result))
-                console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
-                              f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+                print_point(label, clients, result)
         pairs = transport_pairs(url, f"127.0.0.1:{grpc_port}", max(args.clients), args, sentence_file)
         endpoints = endpoint_pairs(url, max(args.clients), args, sentence_file)
     finally:
@@ -282,6 +281,11 @@ def endpoints_only(args: argparse.Namespace) -> None:
     console.print(f"wrote {args.out}")
 
 
+def print_point(label: str, clients: int, result: dict) -> None:
+    console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
+                  f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+
+
 def endpoint_pairs(url: str, clients: int, args: argparse.Namespace, sentence_file: Path) -> list[tuple[dict, dict]]:
     """v2 infer and /v1/embeddings alternately on the same server and model, ``args.pairs`` times, one
     sentence per request from the same load generator: what each route's own cost leaves to the model."""
@@ -327,8 +331,7 @@ def run_infinity(args: argparse.Namespace, sentence_file: Path) -> list[tuple[st
         for clients in args.clients:
             result = load(url, "minilm", clients, args.seconds, sentence_file, path="v1")
             rows.append((label, clients, result))
-            console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
-                          f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+            print_point(label, clients, result)
     finally:
         peer.stop()
     return rows
@@ -420,8 +423,7 @@ def run_mlserver(model_dir: Path, args: argparse.Namespace, sentence_file: Path)
             for clients in args.clients:
                 result = load(url, "minilm", clients, args.seconds, sentence_file)
                 rows.append((label, clients, result))
-                console.print(f"{label:40s} {clients:3d} clients: {result['rps']:7.1f} req/s "
-                              f"p50 {result['p50_ms']:7.1f} ms p99 {result['p99_ms']:7.1f} ms {result['codes']}")
+                print_point(label, clients, result)
         finally:
             peer.stop()
     return rows
