@@ -165,6 +165,8 @@ class ModelState:
     available: list[int] = field(default_factory=list)
     held: bool = False
     """Not loaded on purpose: explicit model control, and no load call (or an unload) for it."""
+    told_empty: bool = False
+    """The log has said this model has no version (said again only after it had one)."""
 
     @property
     def latest(self) -> ServedVersion | None:
@@ -449,9 +451,11 @@ class ModelManager:
             now = time.monotonic()
         for version in [v for v in state.versions if v not in wanted]:
             await self._unload(state, version)
-        if not state.versions and not state.available and not state.held:
-            log.warning("model %s not ready: no version published yet in %s (publish one with `sampserve up`, "
-                        "`sampserve up --fp32` or `sampserve quantize`)", name, repo / name)
+        empty = not state.versions and not state.available and not state.held
+        if empty and not state.told_empty:  # once, not at every poll
+            log.warning("model %s not ready: no version published yet in %s (publish one with `sampserve up` "
+                        "or `sampserve quantize`)", name, repo / name)
+        state.told_empty = empty
         self.metrics.ready.labels(name).set(1 if state.versions else 0)
 
     async def _load(self, name: str, config: RepoModelConfig, version: int, state: ModelState) -> None:

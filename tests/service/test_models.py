@@ -97,3 +97,22 @@ async def test_metrics_label_only_served_models_and_drop_unloaded_versions(repo,
     exposed = generate_latest(metrics.registry).decode()
     assert 'version="2"' in exposed and 'version="1"' not in exposed  # every series of version 1 is gone
     await manager.close()
+
+
+async def test_a_model_without_versions_is_logged_once_not_at_every_poll(repo, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from service.metrics import Metrics
+    from service.models import ModelManager
+    from service.settings import Settings
+
+    (tmp_path / "emb").mkdir()
+    shutil.copy(repo / "emb" / "config.json", tmp_path / "emb" / "config.json")
+    manager = ModelManager(Settings(repo=tmp_path, instances=1, threads=1), Metrics())
+    with caplog.at_level(logging.WARNING, logger="sampserve"):
+        for _ in range(3):
+            await manager.refresh()
+    said = [r.getMessage() for r in caplog.records if "no version published yet" in r.getMessage()]
+    assert len(said) == 1 and "sampserve up" in said[0]
+    await manager.close()
