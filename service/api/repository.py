@@ -15,15 +15,13 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from service.api.bodies import documented
+from service.api.bodies import documented, parse_json
 from service.api.v2_infer import StrictBody
 from service.dataplane import DataPlane
-from service.errors import InvalidInput
 
 
 class IndexRequest(StrictBody):
@@ -41,14 +39,7 @@ Body = TypeVar("Body", bound=StrictBody)
 async def _optional_body(request: Request, schema: type[Body]) -> Body:
     """tritonclient sends the index request with an empty body: empty means the defaults."""
     raw = await request.body()
-    try:
-        payload = orjson.loads(raw) if raw.strip() else {}
-        return schema.model_validate(payload)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return parse_json(raw if raw.strip() else b"{}", schema)
 
 
 def router(dataplane: DataPlane) -> APIRouter:
