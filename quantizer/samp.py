@@ -35,7 +35,7 @@ from quantizer.timing import (
     clearly_faster,
     combine,
     measure,
-    paired_faster,
+    paired_ratio,
 )
 from quantizer.units import Unit, find_units, quantization_rate
 from service.provenance import host_info
@@ -52,11 +52,11 @@ than a separate Add and LayerNormalization on a 2-core AVX-512 VNNI EPYC, docs/d
 def choose_fusions(timings: dict[str, Timing], quiet: Quietness, policy: TimingPolicy) -> tuple[list[OrtFusion], str]:
     """The fusions to run without and why: ``timings`` holds ``default`` and ``without <fusion>`` for each of
     FUSIONS; a fusion is left out only when the graph measured faster without it round by round
-    (``paired_faster``) on a quiet machine (a busy machine keeps onnxruntime's defaults)."""
+    (``clearly_faster``) on a quiet machine (a busy machine keeps onnxruntime's defaults)."""
     if not quiet.quiet:
         return [], f"onnxruntime's fusions kept: the machine was busy while timing them ({quiet.reason})"
     base = timings["default"]
-    disabled = [f for f in FUSIONS if paired_faster(timings[f"without {f}"], base, policy)]
+    disabled = [f for f in FUSIONS if clearly_faster(timings[f"without {f}"], base, policy)]
     described = ", ".join(f"without {f} {timings[f'without {f}'].median_ms:.1f} ms" for f in FUSIONS)
     verdict = ("running without " + ", ".join(disabled)) if disabled else "onnxruntime's fusions kept"
     return disabled, f"all-INT8 with every fusion {base.median_ms:.1f} ms, {described}: {verdict}"
@@ -348,7 +348,7 @@ class Samp:
                 test_metric=test, dev_cosine=cosine, latency_ms=medians, batch_cosine=batch_cosine,
                 batch_invariant=invariant,
                 latency_spread={b: timings[b][name].spread for b in s.latency_batches},
-                speedup_vs_torch=timings[big][TORCH].median_ms / medians[big] if overall.quiet else None,
+                speedup_vs_torch=paired_ratio(timings[big][TORCH], timings[big][name]) if overall.quiet else None,
                 size_bytes=paths[name].stat().st_size,
             ))
         torch_ms = {b: timings[b][TORCH].median_ms for b in s.latency_batches}

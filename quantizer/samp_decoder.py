@@ -40,7 +40,7 @@ from quantizer.export import ExportInfo, export_decoder
 from quantizer.quantize import BLOCK, apply_plan
 from quantizer.schemas import Candidate, SampReport, SampResult
 from quantizer.search import UnitMeasurement, greedy_order, largest_fitting_prefix, plan_from
-from quantizer.timing import TORCH, Quietness, TimingPolicy, combine, measure
+from quantizer.timing import TORCH, Quietness, Timing, TimingPolicy, combine, measure, paired_ratio
 from quantizer.units import Unit, find_units, quantization_rate
 from service.provenance import host_info
 from training.checkpoint import Checkpoint
@@ -253,8 +253,8 @@ class DecoderSamp:
         return (lower_bound(agree, positions, s.confidence_z) >= s.min_agreement - 1e-12
                 and ppl_increase <= s.max_perplexity_increase + 1e-12)
 
-    def step_latencies(self, paths: dict[str, Path | None], batch: int) -> tuple[dict[str, float], Quietness]:
-        """Median milliseconds of one decode step at ``batch`` rows after a 64-token context, for several
+    def step_latencies(self, paths: dict[str, Path | None], batch: int) -> tuple[dict[str, Timing], Quietness]:
+        """Timings of one decode step at ``batch`` rows after a 64-token context, for several
         graphs (None: PyTorch eager FP32 through the toolkit's cache), timed interleaved
         (``quantizer.timing``) so that a burst of other work lands on all of them alike."""
         ids = np.tile(self.dev.ids[:1, :64], (batch, 1))
@@ -268,8 +268,7 @@ class DecoderSamp:
             decoder = self._decoder(path)
             cache = decoder.run(ids, mask, None)[1]
             runners[name] = functools.partial(decoder.run, ids[:, -1:], step_mask, cache)
-        timings, quiet = measure(runners, self.settings.timing)
-        return {name: t.median_ms for name, t in timings.items()}, quiet
+        return measure(runners, self.settings.timing)
 
     def _torch_step(self, ids: np.ndarray) -> Callable[[], object]:
         model = self.checkpoint.model.eval()
@@ -336,7 +335,8 @@ class DecoderSamp:
             forms = [s.form]
         everything = frozenset(u.name for u in self.units)
         self._step("timing FP32 and all-INT8 decode steps (interleaved rounds)")
-        timed, _ = self.step_latencies({"fp32": self.info.path, **{f: self.build(everything, f) for f in forms}}, 1)
+        timings, _ = self.step_latencies({"fp32": self.info.path, **{f: self.build(everything, f) for f in forms}}, 1)
+        timed = {name: t.median_ms for name, t in timings.items()}
         fp32_ms = timed.pop("fp32")
         form = min(forms, key=timed.__getitem__)
         notes.append(f"decode step at batch 1: FP32 {fp32_ms:.2f} ms, all-INT8 "
@@ -374,7 +374,7 @@ class DecoderSamp:
             latency[b], condition = self.step_latencies({TORCH: None, **paths}, b)
             quiet.append(condition)
         timing = combine(quiet, list(s.latency_batches))
-        torch_ms = {b: latency[b][TORCH] for b in s.latency_batches}
+        torch_ms = {b: latency[b][TORCH].median_ms for b in s.latency_batches}
         candidates = []
         for name, chosen in named.items():
             self._step(f"measuring candidate {name}")
@@ -383,8 +383,8 @@ class DecoderSamp:
             candidates.append(Candidate(
                 name=name, mode="fp32" if not chosen else form, int8=sorted(chosen),
                 quantization_rate=quantization_rate(self.units, set(chosen)), dev_metric=dev_agree,
-                test_metric=test_agree, latency_ms={b: latency[b][name] for b in s.latency_batches},
-                speedup_vs_torch=torch_ms[1] / latency[1][name] if timing.quiet else None,
+                test_metric=test_agree, latency_ms={b: latency[b][name].median_ms for b in s.latency_batches},
+                speedup_vs_torch=paired_ratio(latency[1][TORCH], latency[1][name]) if timing.quiet else None,
                 size_bytes=paths[name].stat().st_size,
                 perplexity_increase={"dev": dev_ppl, "test": test_ppl},
                 batch_invariant=self.batch_invariant(paths[name]),

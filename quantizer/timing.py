@@ -4,11 +4,16 @@ A single sequential measurement per candidate is what made a quiet 2.87x plan re
 another process shared the cores: whichever candidate ran during the burst looked slow. Here every
 candidate (PyTorch eager included) is timed in the same rounds, round robin with the order rotated
 each round, so a burst lands on all of them alike; each gets the median of its samples and a spread
-(interquartile range over the median). Meanwhile the CPU time that *other* processes used is read
-from /proc/stat. When the spread or the other processes' share says the machine was busy, the
-measurement is retried after a pause; when it stays busy the caller is told, and publishes no speed
-ratio rather than a wrong one. Decisions between candidates whose medians differ by less than the
-noise are ties, which the caller breaks by accuracy and batch invariance, not by speed.
+(interquartile range over the median). Comparisons are made sample by sample within the rounds: a
+ratio between two candidates is the median of their round-by-round ratios, and quietness is judged
+by how much those ratios vary, not by how much each candidate's own time does. On a shared VM a
+whole round can run 20-40% slow for both candidates (the host's noise): each candidate's own spread
+then says "busy" while its ratio to the reference stays within a few percent. Meanwhile the CPU time
+that *other* processes used is read from /proc/stat. When the spread or the other processes' share
+says the machine was busy, the measurement is retried after a pause; when it stays busy the caller
+is told, and publishes no speed ratio rather than a wrong one. Decisions between candidates whose
+medians differ by less than the noise are ties, which the caller breaks by accuracy and batch
+invariance, not by speed.
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class Quietness(BaseModel):
     quiet: bool
     attempts: int
     worst_spread: float
-    """Largest relative interquartile range of any candidate in the last attempt."""
+    """Largest relative interquartile range in the last attempt: of a candidate's round-by-round ratio to the
+    reference (the first candidate), or of its own samples when it was timed alone."""
     other_cores: float | None
     """CPU used by other processes during the last attempt, in cores (None where /proc/stat is absent)."""
     reason: str = ""
@@ -157,12 +163,44 @@ def _rounds(runners: Mapping[str, Callable[[], object]], names: list[str], polic
                 samples[name].append((time.perf_counter() - start) * 1000 / calls[name])
 
 
+def paired_ratios(a: Timing, b: Timing) -> np.ndarray:
+    """``a``'s samples over ``b``'s, taken in the same order (the same rounds of ``interleaved``)."""
+    n = min(len(a.samples_ms), len(b.samples_ms))
+    return np.array(a.samples_ms[:n]) / np.maximum(np.array(b.samples_ms[:n]), 1e-9)
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """How many times ``a``'s time ``b``'s is: the median of their round-by-round ratios (a slow round
+    slows both and cancels)."""
+    return float(np.median(paired_ratios(a, b)))
+
+
+def paired_spread(a: Timing, b: Timing) -> float:
+    """Interquartile range / median of the round-by-round ratios: the noise left in a comparison."""
+    ratios = paired_ratios(a, b)
+    low, high = np.percentile(ratios, [25, 75])
+    return float((high - low) / max(float(np.median(ratios)), 1e-9))
+
+
+def spreads(timings: Mapping[str, Timing]) -> dict[str, float]:
+    """The noise that counts for each candidate: its round-by-round ratio's spread against the first
+    candidate (the reference), or its own spread when it is alone."""
+    names = list(timings)
+    if len(names) == 1:
+        return {names[0]: timings[names[0]].spread}
+    reference = timings[names[0]]
+    return {name: paired_spread(timings[name], reference) for name in names[1:]}
+
+
 def busy_reason(timings: Mapping[str, Timing], other_cores: float | None, policy: TimingPolicy) -> str:
-    """Why a measurement cannot be trusted, or '' when it can."""
+    """Why a measurement cannot be trusted, or '' when it can (``spreads``: the first candidate is the
+    reference the others are compared with)."""
     reasons = []
-    worst = max(timings, key=lambda name: timings[name].spread)
-    if timings[worst].spread > policy.max_spread:
-        reasons.append(f"{worst} varied by {timings[worst].spread:.0%} (interquartile range / median; "
+    noise = spreads(timings)
+    worst = max(noise, key=noise.__getitem__)
+    if noise[worst] > policy.max_spread:
+        against = "" if len(timings) == 1 else f" against {next(iter(timings))} round by round"
+        reasons.append(f"{worst} varied by {noise[worst]:.0%}{against} (interquartile range / median; "
                        f"quiet is <= {policy.max_spread:.0%})")
     if other_cores is not None and other_cores > policy.max_other_cores:
         reasons.append(f"other processes used {other_cores:.2f} cores (quiet is <= {policy.max_other_cores:.2f})")
@@ -176,6 +214,7 @@ def measure(runners: Mapping[str, Callable[[], object]], policy: TimingPolicy,
             attempt: Attempt | None = None, sleep: Callable[[float], None] = time.sleep,
             ) -> tuple[dict[str, Timing], Quietness]:
     """Interleaved timings, re-measured while the machine is busy (up to ``policy.retries`` times).
+    The first runner is the reference whose round-by-round ratios to the others judge the noise.
 
     ``attempt`` replaces one real measurement (timings, other processes' cores): the decision logic
     is tested with synthetic noisy timings through it."""
@@ -189,7 +228,7 @@ def measure(runners: Mapping[str, Callable[[], object]], policy: TimingPolicy,
     for number in range(1, policy.retries + 2):
         timings, other = attempt()
         reason = busy_reason(timings, other, policy)
-        worst = max(t.spread for t in timings.values())
+        worst = max(spreads(timings).values())
         if not reason:
             return timings, Quietness(quiet=True, attempts=number, worst_spread=worst, other_cores=other)
         if number <= policy.retries:
@@ -198,19 +237,13 @@ def measure(runners: Mapping[str, Callable[[], object]], policy: TimingPolicy,
 
 
 def clearly_faster(a: Timing, b: Timing, policy: TimingPolicy) -> bool:
-    """``a`` beats ``b`` beyond the noise: its median is lower by more than either spread (and the floor)."""
-    noise = max(a.spread, b.spread, policy.noise_floor)
-    return a.median_ms < b.median_ms * (1.0 - noise)
-
-
-def paired_faster(a: Timing, b: Timing, policy: TimingPolicy) -> bool:
     """``a`` beats ``b`` timed in the same interleaved rounds: ``a`` was faster in at least three of four
-    of the round-by-round ratios a/b, and by more than the noise floor at their median. A slow round slows
-    both and cancels in its ratio, so two settings of one graph are told apart where their medians, each
-    spread by the machine's noise, cannot be (a 10% gain in every round read as a tie beside 13% spreads)."""
-    n = min(len(a.samples_ms), len(b.samples_ms))
-    ratios = np.array([x / y for x, y in zip(a.samples_ms[:n], b.samples_ms[:n], strict=True)])
-    return bool(np.percentile(ratios, 75) < 1.0 and np.median(ratios) < 1.0 - policy.noise_floor)
+    round-by-round ratios a/b, and their median is lower than 1 by more than their spread and the noise
+    floor. A slow round slows both and cancels in its ratio, so a 10% gain in every round is told apart
+    where the medians, each spread by the machine's noise, could not be."""
+    ratios = paired_ratios(a, b)
+    noise = max(paired_spread(a, b), policy.noise_floor)
+    return bool(np.percentile(ratios, 75) < 1.0 and np.median(ratios) < 1.0 - noise)
 
 
 def combine(conditions: list[Quietness], labels: list[int]) -> Quietness:
