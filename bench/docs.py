@@ -22,9 +22,7 @@ def write_section(text: str, path: Path, marks: tuple[str, str]) -> None:
     path.write_text(existing)
 
 
-def machine() -> str:
-    """The processor, its widest integer-dot-product instructions and the cores: INT8 speed-ups depend
-    on them (AVX-512 VNNI has fused INT8 dot products; AVX2 does not), so every section names them."""
+def _cpuinfo() -> tuple[str, set[str]]:
     model = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
@@ -35,6 +33,17 @@ def machine() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    isa = next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+    return model, flags
+
+
+def int8_isa() -> str:
+    """The CPU's widest integer-dot-product instruction set: INT8 speed-ups depend on it (AVX-512 VNNI
+    has fused INT8 dot products; AVX2 does not)."""
+    flags = _cpuinfo()[1]
+    return next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
                                          ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
-    return f"{model} ({isa}), {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """The processor, its INT8 instruction set (``int8_isa``) and the cores: every section names them."""
+    return f"{_cpuinfo()[0]} ({int8_isa()}), {os.cpu_count()} cores"

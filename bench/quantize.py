@@ -61,8 +61,9 @@ def markdown(title: str, report: SampReport) -> str:
     if report.timing is not None:
         t = report.timing
         load = "" if t.other_cores is None else f", other processes {t.other_cores:.2f} cores"
-        conditions.append(f"timing: {'quiet' if t.quiet else 'BUSY: ' + t.reason} (worst spread {t.worst_spread:.0%}"
-                          f"{load}, {t.attempts} attempts)")
+        interval = "" if t.worst_uncertainty is None else f"worst median ratio within +-{t.worst_uncertainty:.1%}, "
+        conditions.append(f"timing: {'quiet' if t.quiet else 'BUSY: ' + t.reason} ({interval}worst round-by-round "
+                          f"spread {t.worst_spread:.0%}{load}, {t.attempts} attempts)")
     if report.provenance is not None:
         h = report.provenance
         conditions.append(f"measured on {h.cpu} ({h.int8_class}; flags {' '.join(h.int8_flags)}), onnxruntime "

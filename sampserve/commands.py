@@ -197,6 +197,9 @@ def quantize(
     sequence_length: int = 128,
     rounds: Annotated[int, typer.Option(help="Timing rounds: every candidate and PyTorch eager timed in turn, "
                                         "each round; more rounds, steadier medians.")] = 5,
+    max_rounds: Annotated[int, typer.Option(
+        help="Rounds are added (up to this many) while a speed ratio's 95% interval is wider than +-7.5%; "
+             "still wider then, no ratio is published.")] = 20,
     max_perplexity_increase: Annotated[float, typer.Option(
         help="Generators: largest relative perplexity increase on held-out text (0.02 = 2%).")] = 0.02,
     batch_invariant: Annotated[bool, typer.Option(
@@ -225,13 +228,14 @@ def quantize(
     from training.data.tasks import read_records
     from training.jobs import load_any
 
+    timing = TimingPolicy(rounds=rounds, max_rounds=max(rounds, max_rounds))
     settings: SampSettings | DecoderSampSettings
     if retune:
         from quantizer.publish import retune_source
 
         source, settings = retune_source(repo / model)
         settings = settings.model_copy(update={"threads": threads, "max_examples": max_examples,
-                                               "timing": TimingPolicy(rounds=rounds)})
+                                               "timing": timing})
         console.print(f"re-tuning {model} from {source} with its recorded budget {settings.max_drop}")
         quantize_and_publish(load_any(checkpoint or source), read_records(data), settings, repo, model, console)
         return
@@ -242,12 +246,12 @@ def quantize(
     if loaded.config.target.name == "lm":
         settings = DecoderSampSettings(min_agreement=1.0 - max_drop, max_perplexity_increase=max_perplexity_increase,
                                        batch_invariant=batch_invariant, threads=threads,
-                                       timing=TimingPolicy(rounds=rounds, per_round=5, warmup=1))
+                                       timing=timing.model_copy(update={"per_round": 5, "warmup": 1}))
     else:
         settings = SampSettings(max_drop=max_drop, min_cosine=min_cosine, mode=mode,
                                 min_batch_cosine=min_batch_cosine if batch_invariant else None,
                                 calibration_method=calibration_method, threads=threads,
-                                sequence_length=sequence_length, timing=TimingPolicy(rounds=rounds),
+                                sequence_length=sequence_length, timing=timing,
                                 matching_metric=matching_metric, max_examples=max_examples)
     quantize_and_publish(loaded, read_records(data), settings, repo, model, console)
 

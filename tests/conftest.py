@@ -81,7 +81,7 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     return out
 
 
-QUICK_TIMING = {"rounds": 2, "per_round": 1, "retries": 0, "warmup_ms": 20, "min_sample_ms": 10}
+QUICK_TIMING = {"rounds": 2, "max_rounds": 2, "per_round": 1, "retries": 0, "warmup_ms": 20, "min_sample_ms": 10}
 """Timing for tests: enough to exercise the interleaved measurement, not to publish a careful ratio."""
 
 FAST = {"latency_batches": (1,), "timing": QUICK_TIMING, "sequence_length": 32,

@@ -153,7 +153,8 @@ def test_retune_quantizes_a_published_version_again_here_as_a_new_version(classi
     publish_result(samp, result, repo, "topics")
     done = subprocess.run(
         [sys.executable, "-m", "sampserve.cli", "quantize", "--retune", "--repo", str(repo), "--model", "topics",
-         "--data", str(topics_data / "dev.jsonl"), "--threads", "1", "--rounds", "2", "--max-examples", "48"],
+         "--data", str(topics_data / "dev.jsonl"), "--threads", "1", "--rounds", "2", "--max-rounds", "2",
+         "--max-examples", "48"],
         capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert list_versions(repo / "topics") == [1, 2]
