@@ -302,10 +302,11 @@ def clearly_faster(a: Timing, b: Timing, policy: TimingPolicy) -> bool:
 
 def combine(conditions: list[Quietness], labels: list[int]) -> Quietness:
     """One verdict over measurements at several batch sizes (``labels``): quiet only if each was; the worst
-    spread and load."""
+    spread, interval, rounds and load."""
     loads = [c.other_cores for c in conditions if c.other_cores is not None]
     known = [c.worst_uncertainty for c in conditions if c.worst_uncertainty is not None]
+    rounds = [c.rounds for c in conditions if c.rounds is not None]
     return Quietness(quiet=all(c.quiet for c in conditions), attempts=sum(c.attempts for c in conditions),
                      worst_spread=max(c.worst_spread for c in conditions), other_cores=max(loads) if loads else None,
-                     worst_uncertainty=max(known) if known else None,
+                     worst_uncertainty=max(known) if known else None, rounds=max(rounds) if rounds else None,
                      reason="; ".join(f"batch {b}: {c.reason}" for b, c in zip(labels, conditions) if c.reason))
