@@ -228,10 +228,13 @@ def _judged(timings: Mapping[str, Timing]) -> dict[str, np.ndarray]:
 
 
 def uncertainties(timings: Mapping[str, Timing]) -> dict[str, float]:
+    """``uncertainty`` of what each candidate is judged by (``_judged``)."""
     return {name: uncertainty(values) for name, values in _judged(timings).items()}
 
 
 def spreads(timings: Mapping[str, Timing]) -> dict[str, float]:
+    """Interquartile range / median of what each candidate is judged by (``_judged``): for the report."""
+
     def iqr(values: np.ndarray) -> float:
         low, high = np.percentile(values, [25, 75])
         return float((high - low) / max(float(np.median(values)), 1e-12))
