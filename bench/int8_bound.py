@@ -23,6 +23,7 @@ stand side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.docs import int8_isa, machine, write_section  # noqa: E402
 from quantizer.engines import ort_session  # noqa: E402
 from quantizer.export import export_onnx  # noqa: E402
-from quantizer.measure import fixed_shape_feed  # noqa: E402
+from quantizer.measure import fixed_shape_feed, session_runner, torch_runner  # noqa: E402
 from quantizer.quantize import apply_plan  # noqa: E402
 from quantizer.timing import TimingPolicy, measure, paired_ratio  # noqa: E402
 from quantizer.units import find_units  # noqa: E402
@@ -138,14 +139,10 @@ def main() -> None:
              "static": apply_plan(info.path, work / "static.onnx", units, everything, "static", calibration)}
     feed = fixed_shape_feed(checkpoint.tokenizer, texts[64:], batch, length, pad, info.input_names)
     model = checkpoint.model.eval()
-    tensors = [torch.from_numpy(feed[name]) for name in info.input_names]
     sessions = {name: ort_session(path, args.threads) for name, path in (("fp32", info.path), *plans.items())}
-
-    def eager() -> object:
-        with torch.inference_mode():
-            return model(*tensors)
-
-    runners = {"eager": eager, **{name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}}
+    # the same runners SAMP times, so the two benches measure alike
+    runners = {"eager": functools.partial(torch_runner(model, info.input_names), feed),
+               **{name: functools.partial(session_runner(s), feed) for name, s in sessions.items()}}
     timings, quiet = measure(runners, TimingPolicy(rounds=args.rounds, max_rounds=max(args.rounds, 20)))
     ms = {name: t.median_ms for name, t in timings.items()}
     vs = {name: paired_ratio(timings["eager"], timings[name]) for name in sessions}
