@@ -4,7 +4,11 @@ Layout::
 
     model_config.json   the ModelConfig (components and sizes)
     model.safetensors   the weights (tied tensors stored once)
-    tokenizer.json      the model's own tokenizer (Hugging Face tokenizers format)
+    tokenizer.json      the model's own tokenizer (Hugging Face tokenizers format); text models
+    preprocessor_config.json
+                        how inputs become tensors for image models: transformers' image
+                        processor settings (size, rescale factor, mean and std), which the
+                        server applies to raw pixels too
     head.json           task metadata: labels, pooling, max length, where the weights came from
 
 Weights are read only through safetensors: no pickle is ever loaded.
@@ -31,6 +35,7 @@ CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 HEAD_FILE = "head.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class HeadInfo(BaseModel):
@@ -61,23 +66,40 @@ class HeadInfo(BaseModel):
 class Checkpoint:
     model: Model
     head: HeadInfo
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for models that take tensors
     path: Path
+    preprocessor: dict | None = None
+    """transformers' image processor config (``preprocessor_config.json``) of an image model."""
+
+    @property
+    def text_tokenizer(self) -> Tokenizer:
+        """The tokenizer of a text model; a clear error for a model that takes tensors."""
+        if self.tokenizer is None:
+            raise ValueError(f"this {self.config.modality} model has no tokenizer: it takes tensors")
+        return self.tokenizer
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
 
-def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Tokenizer) -> Path:
+def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Tokenizer | None,
+                    preprocessor: dict | None = None) -> Path:
     """Write a checkpoint; files land in a temp dir first and replace ``out_dir`` in one rename."""
+    if model.config.modality == "text" and tokenizer is None:
+        raise ValueError("a text model's checkpoint needs its tokenizer")
+    if model.config.modality != "text" and preprocessor is None:
+        raise ValueError(f"a {model.config.modality} model's checkpoint needs its preprocessor config")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         (tmp / CONFIG_FILE).write_text(model.config.to_json())
         save_model(model, str(tmp / WEIGHTS_FILE))
-        raw_tokenizer(tokenizer).save(str(tmp / TOKENIZER_FILE))
+        if tokenizer is not None:
+            raw_tokenizer(tokenizer).save(str(tmp / TOKENIZER_FILE))
+        if preprocessor is not None:
+            (tmp / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor, indent=2))
         (tmp / HEAD_FILE).write_text(head.model_dump_json(indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -107,12 +129,19 @@ def raw_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
-    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, HEAD_FILE) if not (path / f).exists()]
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE) if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a sampserve checkpoint: missing {', '.join(missing)}")
     config = ModelConfig.model_validate(json.loads((path / CONFIG_FILE).read_text()))
+    inputs_file = TOKENIZER_FILE if config.modality == "text" else PREPROCESSOR_FILE
+    if not (path / inputs_file).exists():
+        raise FileNotFoundError(f"{path} is not a sampserve checkpoint: missing {inputs_file}")
     model = Model(config)
     load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
     model.eval()
     head = HeadInfo.model_validate(json.loads((path / HEAD_FILE).read_text()))
-    return Checkpoint(model=model, head=head, tokenizer=Tokenizer.from_file(str(path / TOKENIZER_FILE)), path=path)
+    if config.modality == "text":
+        return Checkpoint(model=model, head=head, tokenizer=Tokenizer.from_file(str(path / TOKENIZER_FILE)),
+                          path=path)
+    return Checkpoint(model=model, head=head, tokenizer=None, path=path,
+                      preprocessor=json.loads((path / PREPROCESSOR_FILE).read_text()))

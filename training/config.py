@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_EMBEDDINGS = frozenset({"word", "factorized_word", "pos", "sinusoidal_pos", "seg"})
+_EMBEDDINGS = frozenset({"word", "factorized_word", "pos", "sinusoidal_pos", "seg", "patch"})
+TENSOR_PARTS: dict[str, str] = {"patch": "image"}
+"""Embedding parts that take a tensor instead of token ids, and the modality each one makes."""
 COMPONENT_NAMES: dict[str, frozenset[str]] = {
     "embeddings": _EMBEDDINGS,
     "encoders": frozenset({"transformer"}),
@@ -48,6 +50,29 @@ class EmbeddingConfig(_Strict):
     )
     layernorm: bool = True
     scale: bool = Field(False, description="Multiply word embeddings by sqrt(hidden_size).")
+    image_size: int = Field(224, ge=1, description="Patch embedding: the square input image's side in pixels.")
+    patch_size: int = Field(16, ge=1, description="Patch embedding: the square patch's side in pixels.")
+    num_channels: int = Field(3, ge=1, description="Patch embedding: colour channels of the input image.")
+
+    @property
+    def modality(self) -> str:
+        """What the embedding takes: "text" (token ids) or a tensor modality ("image")."""
+        kinds = {TENSOR_PARTS[p] for p in self.parts if p in TENSOR_PARTS}
+        return kinds.pop() if kinds else "text"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @model_validator(mode="after")
+    def _one_modality(self) -> EmbeddingConfig:
+        tensor_parts = [p for p in self.parts if p in TENSOR_PARTS]
+        if tensor_parts and len(self.parts) != 1:
+            raise ValueError(f"embedding part {tensor_parts[0]!r} takes a tensor and brings its own positions: "
+                             f"it cannot be summed with {[p for p in self.parts if p not in tensor_parts]}")
+        if "patch" in self.parts and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        return self
 
 
 class StackConfig(_Strict):
@@ -114,7 +139,7 @@ class TargetConfig(_Strict):
 class ModelConfig(_Strict):
     """The whole model. Sizes shared by all parts live at the top level."""
 
-    vocab_size: int
+    vocab_size: int = Field(ge=0, description="0 for models that take tensors (images) instead of tokens.")
     hidden_size: int
     num_heads: int
     intermediate_size: int
@@ -151,9 +176,18 @@ class ModelConfig(_Strict):
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if (self.decoder is None) != (self.target_embedding is None):
             raise ValueError("decoder and target_embedding go together: set both or neither")
+        if self.embedding.modality == "text" and self.vocab_size < 1:
+            raise ValueError("a model that takes token ids needs vocab_size >= 1")
+        if self.embedding.modality != "text" and self.target.name in ("mlm", "lm", "seq2seq_lm"):
+            raise ValueError(f"target {self.target.name!r} predicts tokens; a {self.embedding.modality} model "
+                             "takes cls or contrastive")
         if self.decoder is not None and not self.decoder.cross_attention:
             raise ValueError("a decoder attends to the encoder: set decoder.cross_attention=true")
         return self
+
+    @property
+    def modality(self) -> str:
+        return self.embedding.modality
 
     @property
     def is_encoder_decoder(self) -> bool:

@@ -26,7 +26,7 @@ class Model(nn.Module):
                 self.target_embedding.word.weight = self.embedding.word.weight
             self.decoder = DECODERS[config.decoder.name](config, config.decoder)
         output_embedding = self.target_embedding or self.embedding
-        self.target = TARGETS[config.target.name](config, output_embedding.word.weight)
+        self.target = TARGETS[config.target.name](config, output_embedding.word_weight)
 
     def encode(
         self,
@@ -68,16 +68,26 @@ class Model(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The served output: logits or pooled embeddings, as the target defines."""
+        """The served output: logits or pooled embeddings, as the target defines. An image model
+        takes ``pixel_values`` (B, C, H, W) instead of token ids; every patch is attended."""
+        inputs = pixel_values if self.config.modality == "image" else input_ids
+        if inputs is None:
+            name = "pixel_values" if self.config.modality == "image" else "input_ids"
+            raise ValueError(f"this {self.config.modality} model takes {name}")
+        if self.config.modality != "text":
+            hidden = self.encode(inputs).hidden
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            return self.target(hidden, attention_mask)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.encode(input_ids, attention_mask, token_type_ids).hidden
+            attention_mask = torch.ones_like(inputs)
+        hidden = self.encode(inputs, attention_mask, token_type_ids).hidden
         if self.decoder is None:
             return self.target(hidden, attention_mask)
         if decoder_input_ids is None:

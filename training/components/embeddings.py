@@ -1,7 +1,8 @@
 """Embedding parts (summed) and the embedding layer that combines them.
 
-Each part takes the token ids (and segment ids) and returns (B, T, hidden). The same classes serve
-as the source embedding and the decoder's target embedding.
+Each part takes the model's input (token ids, or a tensor for the ``patch`` part) and returns
+(B, T, hidden). The same classes serve as the source embedding and the decoder's target embedding.
+A tensor part brings its own positions, so it stands alone (``EmbeddingConfig`` checks that).
 """
 
 from __future__ import annotations
@@ -88,12 +89,31 @@ class SegmentEmbedding(nn.Module):
         return nn.functional.embedding(token_type_ids, self.weight)
 
 
+class PatchEmbedding(nn.Module):
+    """ViT: a strided convolution cuts the image (B, C, H, W) into patch vectors, a learned class
+    token goes first and learned positions are added: (B, 1 + patches, hidden)."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(emb.num_channels, config.hidden_size, kernel_size=emb.patch_size,
+                                    stride=emb.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.positions = nn.Parameter(torch.zeros(1, emb.num_patches + 1, config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        # No data-dependent size check here (ONNX tracing): the server checks the shape before work.
+        patches = self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.positions
+
+
 EMBEDDINGS: dict[str, type[nn.Module]] = {
     "word": WordEmbedding,
     "factorized_word": FactorizedWordEmbedding,
     "pos": PositionEmbedding,
     "sinusoidal_pos": SinusoidalPositionEmbedding,
     "seg": SegmentEmbedding,
+    "patch": PatchEmbedding,
 }
 
 
@@ -113,6 +133,11 @@ class Embedding(nn.Module):
             if name in self.parts:
                 return self.parts[name]
         raise KeyError("this embedding has no word part")
+
+    @property
+    def word_weight(self) -> nn.Parameter | None:
+        """The vocabulary table an output layer may tie to; None for a tensor (image) embedding."""
+        return self.word.weight if any(n in self.parts for n in ("word", "factorized_word")) else None
 
     def forward(
         self,

@@ -23,11 +23,13 @@ from training.config import ModelConfig
 Metrics = dict[str, float]
 Inputs = dict[str, torch.Tensor]
 IGNORE = -100
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 
-def _vocab_projection(config: ModelConfig, word_weight: nn.Parameter, bias: bool) -> nn.Linear:
+def _vocab_projection(config: ModelConfig, word_weight: nn.Parameter | None, bias: bool) -> nn.Linear:
     """Output layer to the vocabulary, sharing the word table when the config ties them."""
+    if word_weight is None:
+        raise ValueError(f"target {config.target.name!r} predicts tokens: the embedding needs a word part")
     width = word_weight.shape[1]
     layer = nn.Linear(width, config.vocab_size, bias=bias)
     if config.target.tie_weights:
@@ -38,7 +40,7 @@ def _vocab_projection(config: ModelConfig, word_weight: nn.Parameter, bias: bool
 class Target(nn.Module):
     task: ClassVar[str]
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__()
         self.config = config
 
@@ -59,9 +61,9 @@ class MLMTarget(Target):
 
     task = "mlm"
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__(config, word_weight)
-        width = word_weight.shape[1]
+        width = word_weight.shape[1] if word_weight is not None else config.hidden_size
         self.transform = None
         if config.target.lm_transform:
             self.transform = nn.Sequential(
@@ -89,7 +91,7 @@ class LMTarget(Target):
 
     task = "lm"
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__(config, word_weight)
         self.decoder = _vocab_projection(config, word_weight, bias=False)
 
@@ -166,7 +168,7 @@ class ClassificationTarget(Target):
 
     task = "classification"
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__(config, word_weight)
         self.pooler = _Pooler(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -182,7 +184,7 @@ class ClassificationTarget(Target):
 class EmbeddingTarget(Target):
     """Shared by the siamese heads: the served output is the pooled (normalized) sentence vector."""
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__(config, word_weight)
         self.pooler = _Pooler(config)
 
@@ -218,7 +220,7 @@ class PairClassificationTarget(EmbeddingTarget):
 
     task = "pair_classification"
 
-    def __init__(self, config: ModelConfig, word_weight: nn.Parameter) -> None:
+    def __init__(self, config: ModelConfig, word_weight: nn.Parameter | None) -> None:
         super().__init__(config, word_weight)
         self.classifier = nn.Linear(3 * config.hidden_size, _labels_required(config))
 

@@ -3,11 +3,13 @@
 Each family knows its HF ``model_type``, how to read HF's config into ours (and back), and the
 list of ``Rule``s for a given config. Heads are mapped by HF architecture name:
 ``*Model`` (bare encoder: we serve pooled sentence embeddings), ``*ForMaskedLM``,
-``*ForSequenceClassification``, ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and ``T5ForConditionalGeneration``.
+``*ForSequenceClassification``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``T5ForConditionalGeneration``,
+``ViTModel`` and ``ViTForImageClassification``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable
@@ -477,11 +479,130 @@ LLAMA = Family(
     rules=_llama_rules,
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5, LLAMA)}
+# ---------------------------------------------------------------- ViT (images)
+
+
+def _vit_to_ours(hf: dict[str, Any], arch: str, extra: dict[str, Any]) -> ModelConfig:
+    if VIT.architectures[arch] == "cls":
+        labels = hf.get("id2label") or {}
+        target = TargetConfig(name="cls", pooling="cls", num_labels=max(2, len(labels)))
+    else:  # ViTModel: the pooled output is dense + tanh on the class token
+        target = TargetConfig(name="contrastive", pooling="cls", pooler_dense=True, normalize=False)
+    if hf.get("pooler_act", "tanh") != "tanh" or hf.get("pooler_output_size", hf["hidden_size"]) != hf["hidden_size"]:
+        raise ValueError("only ViT's default pooler (tanh, hidden_size wide) is supported")
+    return ModelConfig(
+        vocab_size=0,
+        hidden_size=hf["hidden_size"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        dropout=hf.get("hidden_dropout_prob", 0.0),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        embedding=EmbeddingConfig(parts=("patch",), layernorm=False, image_size=hf.get("image_size", 224),
+                                  patch_size=hf.get("patch_size", 16), num_channels=hf.get("num_channels", 3)),
+        encoder=StackConfig(num_layers=hf["num_hidden_layers"], layernorm_positioning="pre",
+                            final_layernorm=True, activation=hf.get("hidden_act", "gelu"),
+                            bias=bool(hf.get("qkv_bias", True))),
+        target=target,
+    )
+
+
+def _vit_to_hf(config: ModelConfig) -> dict[str, Any]:
+    emb = config.embedding
+    return {
+        "model_type": "vit",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.encoder.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.encoder.activation,
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "layer_norm_eps": config.layer_norm_eps,
+        "image_size": emb.image_size,
+        "patch_size": emb.patch_size,
+        "num_channels": emb.num_channels,
+        "qkv_bias": config.encoder.bias,
+        "pooler_output_size": config.hidden_size,
+        "pooler_act": "tanh",
+    }
+
+
+def _vit_rules(config: ModelConfig) -> list[Rule]:
+    if config.modality != "image" or config.encoder.layernorm_positioning != "pre":
+        raise ValueError("the ViT family exports pre-LN image models (embedding part 'patch')")
+    if config.target.name == "cls" and config.target.pooler_dense:
+        raise ValueError("ViTForImageClassification has no pooler: train the cls target without pooler_dense")
+    b = "vit." if config.target.name == "cls" else ""
+    rules = [
+        Rule("embedding.parts.patch.cls", f"{b}embeddings.cls_token"),
+        Rule("embedding.parts.patch.positions", f"{b}embeddings.position_embeddings"),
+        Rule("embedding.parts.patch.projection.weight", f"{b}embeddings.patch_embeddings.projection.weight"),
+        Rule("embedding.parts.patch.projection.bias", f"{b}embeddings.patch_embeddings.projection.bias"),
+        Rule("encoder.final_norm.weight", f"{b}layernorm.weight"),
+        Rule("encoder.final_norm.bias", f"{b}layernorm.bias"),
+    ]
+    pairs = {  # the names transformers writes to disk (it renames its in-memory layers on save)
+        "self_attention.query": "attention.attention.query",
+        "self_attention.key": "attention.attention.key",
+        "self_attention.value": "attention.attention.value",
+        "self_attention.output": "attention.output.dense",
+        "self_attention_norm": "layernorm_before",
+        "feed_forward.inner": "intermediate.dense",
+        "feed_forward.outer": "output.dense",
+        "feed_forward_norm": "layernorm_after",
+    }
+    for i in range(config.encoder.num_layers):
+        for o, h in pairs.items():
+            rules.append(Rule(f"encoder.layers.{i}.{o}.weight", f"{b}encoder.layer.{i}.{h}.weight"))
+            if config.encoder.bias or not o.startswith("self_attention."):
+                rules.append(Rule(f"encoder.layers.{i}.{o}.bias", f"{b}encoder.layer.{i}.{h}.bias"))
+    if config.target.name == "cls":
+        rules += [Rule("target.classifier.weight", "classifier.weight"),
+                  Rule("target.classifier.bias", "classifier.bias")]
+    else:
+        rules += [Rule("target.pooler.dense.weight", "pooler.dense.weight"),
+                  Rule("target.pooler.dense.bias", "pooler.dense.bias")]
+    return rules
+
+
+_VIT_IN_MEMORY = (  # transformers 5's module names, for a state dict saved without its save_pretrained
+    (re.compile(r"(^|\.)layers\.(\d+)\."), r"\1encoder.layer.\2."),
+    (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
+    (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
+    (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
+    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+    (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
+    (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
+)
+
+
+def vit_saved_names(state: dict[str, Any]) -> dict[str, Any]:
+    """Tensor names of a ViT checkpoint as ``save_pretrained`` writes them (``encoder.layer.N.attention.
+    attention.query``), also for a raw state dict of transformers 5's modules (``layers.N.attention.q_proj``)."""
+    renamed = {}
+    for name, tensor in state.items():
+        for pattern, replacement in _VIT_IN_MEMORY:
+            name = pattern.sub(replacement, name)
+        renamed[name] = tensor
+    return renamed
+
+
+VIT = Family(
+    model_type="vit",
+    architectures={"ViTModel": "contrastive", "ViTForImageClassification": "cls"},
+    to_ours=_vit_to_ours,
+    to_hf=_vit_to_hf,
+    rules=_vit_rules,
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5, LLAMA, VIT)}
 
 
 def family_of(config: ModelConfig) -> Family:
     """Which HF family an (imported) config of ours exports to."""
+    if config.modality == "image":
+        return VIT
     if config.decoder is not None:
         return T5
     if config.encoder.causal:

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from training.checkpoint import Checkpoint, HeadInfo
+from training.checkpoint import PREPROCESSOR_FILE, Checkpoint, HeadInfo
 from training.components import TARGETS
-from training.convert.families import FAMILIES, family_of
+from training.convert.families import FAMILIES, family_of, vit_saved_names
 from training.convert.rules import export_state, import_state
 from training.model import Model
 
@@ -89,6 +89,8 @@ def import_hf(hf_dir: Path, architecture: str | None = None) -> tuple[Checkpoint
     config = family.to_ours(hf_config, arch, extras)
     model = Model(config)
     hf_state = read_safetensors(hf_dir)
+    if model_type == "vit":
+        hf_state = vit_saved_names(hf_state)
     rules = family.rules(config)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     state = import_state(rules, hf_state, shapes)
@@ -111,6 +113,13 @@ def import_hf(hf_dir: Path, architecture: str | None = None) -> tuple[Checkpoint
         max_length=max_length,
         source=f"{hf_config.get('_name_or_path') or hf_dir.name} ({arch})",
     )
+    if config.modality != "text":
+        preprocessor_file = hf_dir / PREPROCESSOR_FILE
+        if not preprocessor_file.exists():
+            raise FileNotFoundError(f"{hf_dir} has no {PREPROCESSOR_FILE} (how images become pixel_values)")
+        head.max_length = config.embedding.num_patches + 1
+        return Checkpoint(model=model, head=head, tokenizer=None, path=hf_dir,
+                          preprocessor=json.loads(preprocessor_file.read_text())), unused
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.exists():
         raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (the fast tokenizer format)")
@@ -133,8 +142,11 @@ def export_hf(checkpoint: Checkpoint, out_dir: Path) -> Path:
     tensors = export_state(family.rules(config), state)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    checkpoint.tokenizer.save(str(out_dir / "tokenizer.json"))
-    if config.target.name == "contrastive":
+    if checkpoint.preprocessor is not None:
+        (out_dir / PREPROCESSOR_FILE).write_text(json.dumps(checkpoint.preprocessor, indent=2))
+    if checkpoint.tokenizer is not None:
+        checkpoint.tokenizer.save(str(out_dir / "tokenizer.json"))
+    if config.target.name == "contrastive" and config.modality == "text":
         _write_sentence_transformers_files(checkpoint, out_dir)
     source_dir = checkpoint.path
     for extra in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
