@@ -323,6 +323,18 @@ def gettext_topics(
         console.print(f"{name}: {len(part)} records -> {out / f'{name}.jsonl'}")
 
 
+@data_app.command("digits")
+def digits(
+    out: Annotated[Path, typer.Argument(help="Folder for images/ and train/dev/test .jsonl files.")],
+    seed: int = 0,
+) -> None:
+    """scikit-learn's 1,797 handwritten 8x8 digits as PNG files with image-classification records."""
+    from training.data.digits import write_digits
+
+    for name, count in write_digits(out, seed=seed).items():
+        console.print(f"{name}: {count} records -> {out / f'{name}.jsonl'}")
+
+
 @data_app.command("gettext-parallel", context_settings={"allow_extra_args": True})
 def gettext_parallel(
     ctx: typer.Context,

@@ -112,9 +112,21 @@ def describe(checkpoint: Checkpoint, title: str) -> Table:
 
 
 def make_collator(
-    tokenizer: Tokenizer, config: ModelConfig, task: str, labels: list[str] | None, max_length: int, seed: int
+    tokenizer: Tokenizer | None, config: ModelConfig, task: str, labels: list[str] | None, max_length: int, seed: int,
+    preprocessor: dict | None = None, data_dir: Path | None = None,
 ) -> Collator:
-    """The batch builder for ``task``, with special tokens read from the model's own tokenizer."""
+    """The batch builder for ``task``, with special tokens read from the model's own tokenizer (an image
+    model's: with its image processor, reading image files relative to ``data_dir``)."""
+    if config.modality == "image":
+        from training.images import image_processor
+
+        if preprocessor is None:
+            raise ValueError("an image model needs its preprocessor config")
+        return Collator(task=task, tokenizer=None, pad_id=config.pad_token_id, labels=labels, seed=seed,
+                        image_processor=image_processor(preprocessor), image_root=data_dir,
+                        image_channels=config.embedding.num_channels)
+    if tokenizer is None:
+        raise ValueError("a text model needs its tokenizer")
     configured_tokenizer = configured(tokenizer, max_length, config.pad_token_id)
     mask_id = next((i for t in ("[MASK]", "<mask>") if (i := tokenizer.token_to_id(t)) is not None), None)
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
@@ -155,10 +167,18 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
         base = load_any(job.init_from)
     elif job.config is not None:
         config = load_config(job.config)
-        tokenizer_file = job.tokenizer or bundled_minilm_dir() / "tokenizer.json"
         model = build_model(config)
-        base = Checkpoint(model=model, head=HeadInfo(task=TARGETS[config.target.name].task),
-                          tokenizer=Tokenizer.from_file(str(tokenizer_file)), path=job.out_dir)
+        head_info = HeadInfo(task=TARGETS[config.target.name].task)
+        if config.modality == "image":
+            from training.images import default_preprocessor
+
+            head_info.max_length = config.embedding.num_patches + 1
+            base = Checkpoint(model=model, head=head_info, tokenizer=None, path=job.out_dir,
+                              preprocessor=default_preprocessor(config))
+        else:
+            tokenizer_file = job.tokenizer or bundled_minilm_dir() / "tokenizer.json"
+            base = Checkpoint(model=model, head=head_info, tokenizer=Tokenizer.from_file(str(tokenizer_file)),
+                              path=job.out_dir)
     else:
         raise ValueError("say what to train: --config NAME (from scratch) or --init-from DIR")
     if job.tokenizer is not None and job.init_from is not None:
@@ -169,9 +189,10 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
     model = base.model
     target_name = job.target or model.config.target.name
     task = TARGETS[target_name].task
-    validate_records(records, task, str(job.data))
+    modality = model.config.modality
+    validate_records(records, task, str(job.data), modality)
     if dev_records:
-        validate_records(dev_records, task, str(job.dev))
+        validate_records(dev_records, task, str(job.dev), modality)
     labels = base.head.labels
     if task in ("classification", "pair_classification"):
         labels = labels if (job.resume and labels) else label_names(records)
@@ -182,11 +203,19 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
                             num_labels=len(labels) if labels else None)
     model.train()
     max_length = min(settings.max_length, base.head.max_length)
-    collator = make_collator(base.tokenizer, model.config, task, labels, max_length, settings.seed)
+    if modality == "image":
+        max_length = base.head.max_length
+    collator = make_collator(base.tokenizer, model.config, task, labels, max_length, settings.seed,
+                             base.preprocessor, job.data.parent)
+    dev_collator = None
+    if dev_records and modality == "image" and job.dev is not None and job.dev.parent != job.data.parent:
+        dev_collator = make_collator(None, model.config, task, labels, max_length, settings.seed,
+                                     base.preprocessor, job.dev.parent)
     head = HeadInfo(task=task, labels=labels, max_length=max_length,
                     text_pair=task == "classification" and "text_pair" in records[0],
                     source=f"trained from {job.init_from or job.config} on {job.data.name}")
-    trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir)
+    trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir, preprocessor=base.preprocessor,
+                      dev_collator=dev_collator)
     return trainer.train(records, dev_records, resume=job.resume)
 
 
@@ -209,10 +238,11 @@ def evaluate_checkpoint(path: Path, data: Path, max_length: int = 128) -> dict[s
     checkpoint = load_checkpoint(path)
     task = checkpoint.head.task
     records = read_records(data)
-    validate_records(records, task, str(data))
+    validate_records(records, task, str(data), checkpoint.config.modality)
     collator = make_collator(checkpoint.tokenizer, checkpoint.config, task, checkpoint.head.labels,
-                             min(max_length, checkpoint.head.max_length), seed=0)
+                             min(max_length, checkpoint.head.max_length), seed=0,
+                             preprocessor=checkpoint.preprocessor, data_dir=Path(data).parent)
     trainer = Trainer(checkpoint.model, checkpoint.tokenizer, checkpoint.head, collator,
-                      TrainSettings(progress=False), path)
+                      TrainSettings(progress=False), path, preprocessor=checkpoint.preprocessor)
     with torch.no_grad():
         return trainer.evaluate(records)

@@ -213,15 +213,19 @@ class Trainer:
     def __init__(
         self,
         model: Model,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         head: HeadInfo,
         collator: Collator | Any,
         settings: TrainSettings,
         out_dir: Path,
         objective: Objective | None = None,
+        preprocessor: dict | None = None,
+        dev_collator: Collator | Any | None = None,
     ) -> None:
         """``collator`` turns records into a batch; ``objective`` (default: the model's target) gives the loss.
-        Parameters with ``requires_grad`` off stay frozen and get no optimizer state."""
+        Parameters with ``requires_grad`` off stay frozen and get no optimizer state. ``preprocessor`` (an
+        image model's processor config) is saved with each checkpoint; ``dev_collator`` (default: ``collator``)
+        builds the dev batches, for dev images in another folder."""
         self.env, self.device = setup_distributed()
         if settings.batch_size % (settings.grad_accum * self.env.world_size):
             raise ValueError(
@@ -231,8 +235,10 @@ class Trainer:
         self.settings = settings
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
         self.head = head
         self.collator = collator
+        self.dev_collator = dev_collator or collator
         self.out_dir = Path(out_dir)
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
@@ -365,7 +371,7 @@ class Trainer:
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
             ids = list(range(i, i + len(chunk)))
-            batch = to_device(self.collator(chunk, ids, epoch=0), self.device)
+            batch = to_device(self.dev_collator(chunk, ids, epoch=0), self.device)
             if self.objective is not None:
                 loss, metrics = self.objective.loss(self.objective.module(**self.objective.inputs(batch)), batch)
             else:
@@ -381,7 +387,7 @@ class Trainer:
     def save(self, step: int, summary: dict | None = None) -> None:
         """Rank 0 writes the checkpoint the quantizer reads, plus optimizer state for resume."""
         if self.env.is_main:
-            save_checkpoint(self.out_dir, self.model, self.head, self.tokenizer)
+            save_checkpoint(self.out_dir, self.model, self.head, self.tokenizer, self.preprocessor)
             write_history(self.out_dir, self.history)
             _save_optimizer(self.out_dir / STATE_DIR, self.optimizer,
                             {"step": step, "world_size": self.env.world_size,

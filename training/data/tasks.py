@@ -5,7 +5,8 @@ Record fields per task (the same names in JSONL keys and TSV header columns):
 =====================  ============================================================
 mlm, lm                ``text``  (lm also takes ``prompt`` + ``completion``)
 seq2seq                ``source``, ``target``
-classification         ``text`` [, ``text_pair``], ``label``
+classification         ``text`` [, ``text_pair``], ``label``; an image model: ``image`` (a file
+                       path, relative to the data file), ``label``
 pair_classification    ``text_a``, ``text_b``, ``label``
 matching               ``text_a``, ``text_b`` (a positive pair; other rows are negatives)
 =====================  ============================================================
@@ -19,6 +20,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -55,10 +57,15 @@ def read_records(path: Path) -> list[dict]:
     raise ValueError(f"{path}: expected a .jsonl or .tsv file")
 
 
-def validate_records(records: list[dict], task: str, source: str = "data") -> None:
+IMAGE_FIELDS: dict[str, tuple[str, ...]] = {"classification": ("image", "label")}
+
+
+def validate_records(records: list[dict], task: str, source: str = "data", modality: str = "text") -> None:
     if not records:
         raise ValueError(f"{source}: no records")
-    required = REQUIRED_FIELDS[task]
+    if modality == "image" and task not in IMAGE_FIELDS:
+        raise ValueError(f"{source}: task {task!r} takes text; image models train on {sorted(IMAGE_FIELDS)}")
+    required = IMAGE_FIELDS[task] if modality == "image" else REQUIRED_FIELDS[task]
     if task == "lm" and "prompt" in records[0]:
         required = ("prompt", "completion")
     for number, record in enumerate(records, 1):
@@ -77,7 +84,7 @@ class Collator:
     """Turns a list of records into the tensors of one batch for ``task``."""
 
     task: str
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     pad_id: int
     labels: list[str] | None = None
     mask_id: int | None = None
@@ -87,6 +94,11 @@ class Collator:
     decoder_start_id: int = 0
     mlm_probability: float = 0.15
     seed: int = 0
+    image_processor: Any = None
+    """An image model's transformers image processor (training.images); None for text."""
+    image_root: Path | None = None
+    """Where records' relative ``image`` paths start: the data file's folder."""
+    image_channels: int = 3
 
     def __call__(self, records: list[dict], indices: list[int], epoch: int) -> dict:
         return COLLATE[self.task](self, records, indices, epoch)
@@ -101,6 +113,12 @@ class Collator:
 
 
 def _classification(c: Collator, records: list[dict], indices: list[int], epoch: int) -> dict:
+    if c.image_processor is not None:
+        from training.images import load_image, pixel_values
+
+        root = c.image_root or Path(".")
+        images = [load_image(root / r["image"], c.image_channels) for r in records]
+        return {"pixel_values": pixel_values(c.image_processor, images), "labels": c.label_tensor(records)}
     pairs = [r["text_pair"] for r in records] if "text_pair" in records[0] else None
     batch = encode(c.tokenizer, [r["text"] for r in records], pairs)
     batch["labels"] = c.label_tensor(records)
