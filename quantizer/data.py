@@ -1,10 +1,12 @@
 """SAMP's data: disjoint calibration, dev (plan choice) and test (never seen by the search) parts,
-tokenized once into the feeds every candidate is run on."""
+tokenized (an image model's: processed into pixel values) once into the feeds every candidate is run on."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +26,8 @@ class SampData:
     dev: TaskEval
     test: TaskEval
     calibration: list[Feed]
-    latency_texts: list[str]
+    latency: Callable[[int, int], Feed]
+    """A (batch, length) feed of real inputs for timing (an image model's length is its patch count)."""
     alone: list[Feed]
     """Dev texts one per feed, each at its own length: the batch-invariance reference."""
     together: list[Feed]
@@ -46,6 +49,8 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
     if third < 8:
         raise ValueError(f"SAMP needs at least 24 records to split into calibration/dev/test, got {len(rows)}")
     calib_rows, dev_rows, test_rows = rows[:third], rows[third : 2 * third], rows[2 * third : 3 * third]
+    if checkpoint.config.modality == "image":
+        return _image_data(checkpoint, calib_rows, dev_rows, test_rows, settings, batch)
 
     prefix = head.text_prefix  # e5-style models expect "query: " before every text
 
@@ -56,7 +61,7 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
         if head.task == "classification":
             labels = np.array([head.labels.index(str(r["label"])) for r in part])  # type: ignore[union-attr]
             pairs = [r["text_pair"] for r in part] if "text_pair" in part[0] else None
-            feeds = [tokenize(checkpoint.tokenizer, texts(part[i:i + batch]), max_length, pad, input_names,
+            feeds = [tokenize(checkpoint.text_tokenizer, texts(part[i:i + batch]), max_length, pad, input_names,
                               pairs[i:i + batch] if pairs else None) for i in range(0, len(part), batch)]
             return TaskEval(name=name, feeds=feeds, labels=labels)
         retrieval = settings.matching_metric == "retrieval"
@@ -68,24 +73,69 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
             pool = texts(part)
             rng = random.Random(f"{seed}/{name}")
             side_a, side_b = pool, [pool[rng.randrange(len(pool))] for _ in pool]
-        feeds = [tokenize(checkpoint.tokenizer, side_a[i:i + batch], max_length, pad, input_names)
+        feeds = [tokenize(checkpoint.text_tokenizer, side_a[i:i + batch], max_length, pad, input_names)
                  for i in range(0, len(side_a), batch)]
-        feeds += [tokenize(checkpoint.tokenizer, side_b[i:i + batch], max_length, pad, input_names)
+        feeds += [tokenize(checkpoint.text_tokenizer, side_b[i:i + batch], max_length, pad, input_names)
                   for i in range(0, len(side_b), batch)]
         return TaskEval(name=name, feeds=feeds, pair_split=len(side_a), retrieval=retrieval)
 
     calib_texts = texts(calib_rows)
     per_batch = max(1, len(calib_texts) // settings.calibration_batches)
     calibration = [
-        fixed_shape_feed(checkpoint.tokenizer, calib_texts[i * per_batch:(i + 1) * per_batch], per_batch,
+        fixed_shape_feed(checkpoint.text_tokenizer, calib_texts[i * per_batch:(i + 1) * per_batch], per_batch,
                          max_length, pad, input_names)
         for i in range(settings.calibration_batches)
     ]
     mixed = texts(dev_rows)[:INVARIANCE_TEXTS]
-    alone = [tokenize(checkpoint.tokenizer, [t], max_length, pad, input_names) for t in mixed]
-    together = [tokenize(checkpoint.tokenizer, mixed[i:i + INVARIANCE_BATCH], max_length, pad, input_names)
+    alone = [tokenize(checkpoint.text_tokenizer, [t], max_length, pad, input_names) for t in mixed]
+    together = [tokenize(checkpoint.text_tokenizer, mixed[i:i + INVARIANCE_BATCH], max_length, pad, input_names)
                 for i in range(0, len(mixed), INVARIANCE_BATCH)]
+    def latency(batch_size: int, length: int) -> Feed:
+        return fixed_shape_feed(checkpoint.text_tokenizer, calib_texts, batch_size, length, pad, input_names)
+
     return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"),
-                    calibration=calibration, latency_texts=calib_texts, alone=alone, together=together)
+                    calibration=calibration, latency=latency, alone=alone, together=together)
+
+
+def _image_data(checkpoint: Checkpoint, calib_rows: list[dict], dev_rows: list[dict], test_rows: list[dict],
+                settings: SampSettings, batch: int) -> SampData:
+    """The image model's parts: records' ``image`` files through the checkpoint's own image processor."""
+    from training.images import image_processor, load_image, pixel_values
+
+    head = checkpoint.head
+    if head.task != "classification" or not head.labels:
+        raise ValueError(f"SAMP measures image models on labelled images (classification), not {head.task!r}")
+    if checkpoint.preprocessor is None:
+        raise ValueError("an image checkpoint needs its preprocessor config")
+    processor = image_processor(checkpoint.preprocessor)
+    channels = checkpoint.config.embedding.num_channels
+
+    def pixels(part: list[dict]) -> np.ndarray:
+        missing = [r for r in part if "image" not in r]
+        if missing:
+            raise ValueError(f"image records need an 'image' file: {missing[0]}")
+        return pixel_values(processor, [load_image(Path(r["image"]), channels) for r in part]).numpy()
+
+    def task_eval(part: list[dict], name: str) -> TaskEval:
+        labels = np.array([head.labels.index(str(r["label"])) for r in part])  # type: ignore[union-attr]
+        values = pixels(part)
+        return TaskEval(name=name, feeds=[{"pixel_values": values[i:i + batch]} for i in range(0, len(values), batch)],
+                        labels=labels)
+
+    calibration_images = pixels(calib_rows)
+    per_batch = max(1, len(calibration_images) // settings.calibration_batches)
+    calibration = [{"pixel_values": np.resize(calibration_images[i * per_batch:(i + 1) * per_batch] if
+                                              (i + 1) * per_batch <= len(calibration_images) else calibration_images,
+                                              (per_batch, *calibration_images.shape[1:]))}
+                   for i in range(settings.calibration_batches)]
+    mixed = pixels(dev_rows[:INVARIANCE_TEXTS])
+
+    def latency(batch_size: int, length: int) -> Feed:
+        return {"pixel_values": np.resize(calibration_images, (batch_size, *calibration_images.shape[1:]))}
+
+    return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"), calibration=calibration,
+                    latency=latency, alone=[{"pixel_values": mixed[i:i + 1]} for i in range(len(mixed))],
+                    together=[{"pixel_values": mixed[i:i + INVARIANCE_BATCH]}
+                              for i in range(0, len(mixed), INVARIANCE_BATCH)])
 
 

@@ -1,7 +1,8 @@
 """Export a checkpoint with its head to ONNX: dynamic batch and sequence axes, stable names.
 
 Inputs are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has a segment
-embedding), all int64 (batch, sequence). The output is ``logits`` for classification/LM heads and
+embedding), all int64 (batch, sequence); an image model takes ``pixel_values``, float32 (batch,
+channels, height, width), with only the batch axis dynamic. The output is ``logits`` for classification/LM heads and
 ``embeddings`` for matching heads. The attention mask is filled with a finite -1e4 inside the model
 (finfo.min made onnxruntime's Softmax ~8x slower on a 2-core Xeon: docs/design.md, "Quantization").
 """
@@ -31,6 +32,8 @@ class ExportInfo:
 
 
 def input_names_for(checkpoint: Checkpoint) -> tuple[str, ...]:
+    if checkpoint.config.modality == "image":
+        return ("pixel_values",)
     names = ("input_ids", "attention_mask")
     return (*names, "token_type_ids") if "seg" in checkpoint.config.embedding.parts else names
 
@@ -40,8 +43,13 @@ def output_name_for(checkpoint: Checkpoint) -> str:
 
 
 def sample_inputs(checkpoint: Checkpoint, batch: int = 3, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random token ids with ragged padding: exercises the mask in export checks."""
+    """Random token ids with ragged padding: exercises the mask in export checks. An image model gets
+    random pixel values in the processor's [-1, 1] range."""
     rng = np.random.default_rng(seed)
+    if checkpoint.config.modality == "image":
+        emb = checkpoint.config.embedding
+        shape = (batch, emb.num_channels, emb.image_size, emb.image_size)
+        return {"pixel_values": rng.uniform(-1, 1, size=shape).astype(np.float32)}
     vocab = checkpoint.config.vocab_size
     ids = rng.integers(5, min(vocab, 30000), size=(batch, length), dtype=np.int64)
     mask = np.ones((batch, length), dtype=np.int64)
@@ -66,15 +74,15 @@ def export_onnx(checkpoint: Checkpoint, path: Path) -> ExportInfo:
     names = input_names_for(checkpoint)
     output = output_name_for(checkpoint)
     example = sample_inputs(checkpoint)
-    args = tuple(torch.from_numpy(example[name]) for name in names)
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    kwargs = {name: torch.from_numpy(example[name]) for name in names}
+    axes = {name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"} for name in names}
     axes[output] = {0: "batch", 1: "sequence"} if checkpoint.config.target.name in ("mlm", "lm") else {0: "batch"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is the legacy path
         with torch.no_grad():
-            torch.onnx.export(model, args, str(path), input_names=list(names), output_names=[output],
+            torch.onnx.export(model, (), str(path), kwargs=kwargs, input_names=list(names), output_names=[output],
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
     onnx.checker.check_model(str(path))
     diff = parity(checkpoint, path, example)
@@ -90,7 +98,7 @@ def parity(checkpoint: Checkpoint, path: Path, inputs: dict[str, np.ndarray]) ->
     feed = {i.name: inputs[i.name] for i in session.get_inputs()}
     (ort_out,) = session.run(None, feed)
     with torch.no_grad():
-        ours = checkpoint.model(*(torch.from_numpy(feed[n]) for n in input_names_for(checkpoint))).numpy()
+        ours = checkpoint.model(**{n: torch.from_numpy(feed[n]) for n in input_names_for(checkpoint)}).numpy()
     return float(np.abs(ort_out - ours).max())
 
 

@@ -59,7 +59,7 @@ def session_runner(session: ort.InferenceSession) -> Callable[[Feed], np.ndarray
 def torch_runner(model: torch.nn.Module, input_names: tuple[str, ...]) -> Callable[[Feed], np.ndarray]:
     def run(feed: Feed) -> np.ndarray:
         with torch.inference_mode():
-            return model(*(torch.from_numpy(feed[n]) for n in input_names)).numpy()
+            return model(**{n: torch.from_numpy(feed[n]) for n in input_names}).numpy()
 
     return run
 

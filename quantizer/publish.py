@@ -25,6 +25,7 @@ from service.repository import (
     TOKENIZER_FILE,
     GenerationMeta,
     HeadMeta,
+    ImageSpec,
     OrtFusion,
     RepoModelConfig,
     list_versions,
@@ -89,6 +90,33 @@ def generation_meta(checkpoint: Checkpoint) -> GenerationMeta | None:
                           bos_token=head.bos_token, eos_token=head.eos_token)
 
 
+def image_spec(checkpoint: Checkpoint) -> ImageSpec | None:
+    """The pixels an image model's version takes, from its image processor's settings: the server then
+    prepares UINT8 images with the same arithmetic (the client sends them at the model's size)."""
+    if checkpoint.config.modality != "image":
+        return None
+    emb, processor = checkpoint.config.embedding, checkpoint.preprocessor or {}
+    size = processor.get("size") or {}
+    if (size.get("height"), size.get("width")) != (emb.image_size, emb.image_size):
+        raise NotServable(f"the image processor resizes to {size}, but the model takes {emb.image_size}x"
+                          f"{emb.image_size} pixels")
+    normalize = processor.get("do_normalize", True)
+    return ImageSpec(
+        height=emb.image_size, width=emb.image_size, channels=emb.num_channels,
+        rescale_factor=processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0,
+        mean=list(processor.get("image_mean", [0.5] * emb.num_channels)) if normalize else [0.0] * emb.num_channels,
+        std=list(processor.get("image_std", [0.5] * emb.num_channels)) if normalize else [1.0] * emb.num_channels,
+    )
+
+
+def input_files(checkpoint: Checkpoint) -> dict[str, bytes]:
+    """What a version needs beside the graph to prepare inputs: a text model's tokenizer (an image model's
+    preparation is in head.json's ``image``)."""
+    if checkpoint.tokenizer is None:
+        return {}
+    return {TOKENIZER_FILE: raw_tokenizer(checkpoint.tokenizer).to_str().encode()}
+
+
 def served_head(checkpoint: Checkpoint, info: ExportInfo,
                 disabled_optimizers: list[OrtFusion] | None = None) -> HeadMeta:
     """head.json of a version: how the server feeds the exported graph and reads its output, and the
@@ -96,8 +124,9 @@ def served_head(checkpoint: Checkpoint, info: ExportInfo,
     return HeadMeta(
         disabled_optimizers=disabled_optimizers or None,
         generation=generation_meta(checkpoint),
-        input_names=list(info.input_names),  # export_onnx names only the three HeadMeta knows
+        input_names=list(info.input_names),  # export_onnx names only the inputs HeadMeta knows
         max_length=checkpoint.head.max_length,
+        image=image_spec(checkpoint),
         pad_token_id=checkpoint.config.pad_token_id,
         labels=checkpoint.head.labels,
         normalized=bool(checkpoint.config.target.normalize),
@@ -113,7 +142,7 @@ def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) 
     ensure_model_config(model_dir, checkpoint, max_drop=0.0)
     return publish(model_dir, {
         ONNX_FILE: info.path,
-        TOKENIZER_FILE: raw_tokenizer(checkpoint.tokenizer).to_str().encode(),
+        **input_files(checkpoint),
         HEAD_FILE: served_head(checkpoint, info).to_json(),
     }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized", "quantized": False})
 
@@ -129,7 +158,7 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     work = result.workdir
     files: dict[str, Path | bytes] = {
         ONNX_FILE: result.model_path,
-        TOKENIZER_FILE: raw_tokenizer(samp.checkpoint.tokenizer).to_str().encode(),
+        **input_files(samp.checkpoint),
         HEAD_FILE: served_head(samp.checkpoint, samp.info, result.report.disabled_optimizers).to_json(),
         REPORT_JSON: write_json(result.report, work / REPORT_JSON),
         REPORT_PNG: write_plot(result.report, work / REPORT_PNG),

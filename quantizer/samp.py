@@ -23,7 +23,7 @@ from rich.progress import Progress
 from quantizer.data import build_data
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_onnx
-from quantizer.measure import cosine_rows, fixed_shape_feed, run_batched, session_runner, torch_runner
+from quantizer.measure import cosine_rows, run_batched, session_runner, torch_runner
 from quantizer.quantize import apply_plan
 from quantizer.schemas import DEFAULT_BATCH_COSINE, Candidate, SampReport, SampResult, SampSettings
 from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
@@ -146,14 +146,11 @@ class Samp:
                    disabled: dict[str, Sequence[str]] | None = None) -> tuple[dict[str, Timing], Quietness]:
         """Time graphs (None: PyTorch eager FP32) on one fixed-shape batch, interleaved round by round;
         ``disabled``: fusions a graph runs without, by name (default: this run's)."""
-        pad = self.checkpoint.config.pad_token_id
         # Timed at the asked length even when the head truncates shorter: the graph takes any
         # length its position table holds, and benchmarks compare plans at one shape.
         embedding = self.checkpoint.config.embedding
         limit = embedding.max_position - (embedding.position_padding_idx or -1) - 1
-        length = min(self.settings.sequence_length, limit)
-        feed = fixed_shape_feed(self.checkpoint.tokenizer, self.data.latency_texts, batch, length, pad,
-                                self.info.input_names)
+        feed = self.data.latency(batch, min(self.settings.sequence_length, limit))
         runners: dict[str, Callable[[], object]] = {}
         for name, path in paths.items():
             run = (torch_runner(self.checkpoint.model, self.info.input_names) if path is None

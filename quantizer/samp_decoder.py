@@ -88,7 +88,7 @@ def lm_sequences(checkpoint: Checkpoint, texts: list[str], settings: DecoderSamp
     def pack(part: list[str]) -> LmEval:
         ids: list[int] = []
         for text in part:
-            ids += checkpoint.tokenizer.encode(text + "\n", add_special_tokens=False).ids
+            ids += checkpoint.text_tokenizer.encode(text + "\n", add_special_tokens=False).ids
             if len(ids) >= settings.sequences * settings.length:
                 break
         need = settings.sequences * settings.length

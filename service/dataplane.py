@@ -39,12 +39,16 @@ from service.errors import (
     shorten,
 )
 from service.generation import Delta, SamplingParams
-from service.heads import ClassificationHead, Encoded, MatchingHead
+from service.heads import ClassificationHead, Encoded, Image, ImageClassificationHead, MatchingHead, TextEncoder
+from service.heads.image import IMAGE_INPUTS
 from service.instances import RuntimeHung
 from service.metrics import Metrics
 from service.models import GenerationVersion, IndexEntry, LoadedVersion, ModelManager
 from service.request_context import current_request
 from service.settings import Settings
+from service.tensors import TensorInput
+
+__all__ = ["DataPlane", "TensorInput"]
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "generate", "model_repository"]
@@ -70,7 +74,8 @@ class Result:
     version: int
     values: np.ndarray
     tokens: int
-    head: MatchingHead | ClassificationHead  # of the version that ran (versions can swap meanwhile)
+    head: MatchingHead | ClassificationHead | ImageClassificationHead
+    """The head of the version that ran (versions can swap meanwhile)."""
 
     @property
     def output_name(self) -> str:
@@ -153,19 +158,6 @@ class Generation:
 
 
 @dataclass
-class TensorInput:
-    """A v2 input tensor as a transport received it. Its elements are decoded only once its declared
-    shape has passed the limits, so a message of a million elements costs nothing to refuse."""
-
-    name: str
-    datatype: str
-    shape: Sequence[int]
-    decode: Callable[[int], list[Any]]
-    """The elements, given how many the shape declares: InvalidInput if the data holds another number
-    (found without decoding past that number) or a malformed element."""
-
-
-@dataclass
 class TensorMetadata:
     name: str
     datatype: str
@@ -217,9 +209,13 @@ class DataPlane:
                             "max_model_len": limits.max_model_len, "max_num_seqs": limits.max_num_seqs,
                             "max_waiting": limits.max_waiting, "chat_template": loaded.head.has_chat_template,
                             "failed_versions": failed, **loaded.tuning.parameters()})
+        if isinstance(loaded.head, ImageClassificationHead):  # one of these two tensors, not both
+            inputs = [TensorMetadata(n, IMAGE_INPUTS[n], shape) for n, shape in loaded.head.shapes().items()]
+        else:
+            inputs = [TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES]
         return ModelMetadata(
             name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
-            inputs=[TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES],
+            inputs=inputs,
             outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
@@ -283,6 +279,8 @@ class DataPlane:
 
     async def _encode(self, loaded: LoadedVersion, texts: list[str], pairs: list[str] | None, truncate: bool,
                       field: str) -> list[Encoded]:
+        head = loaded.head
+        assert isinstance(head, TextEncoder)  # forward refuses texts for an image model first
         if truncate:  # cut characters first: the tokens kept come from the start of the text anyway
             cut = loaded.head.max_length * 64
             texts = [t[:cut] for t in texts]
@@ -290,9 +288,9 @@ class DataPlane:
         size = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs is not None else 0)
         with tracing.span("tokenize", characters=size):
             if size <= TOKENIZE_INLINE_CHARS:
-                return loaded.head.encode(texts, pairs, truncate, field)
+                return head.encode(texts, pairs, truncate, field)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._tokenizers, loaded.head.encode, texts, pairs, truncate, field)
+            return await loop.run_in_executor(self._tokenizers, head.encode, texts, pairs, truncate, field)
 
     # -- the forward pass --------------------------------------------------------------------
 
@@ -311,10 +309,20 @@ class DataPlane:
                 pairs = self._check_texts(pairs, f"{field} pairs", truncate)
 
         async def items_for(loaded: LoadedVersion) -> list[Encoded]:
+            if isinstance(loaded.head, ImageClassificationHead):
+                raise InvalidInput(f"model {model!r} takes images, not texts: send v2 infer with an 'image' "
+                                   "(UINT8) or 'pixel_values' (FP32) tensor")
             if token_ids is not None:
                 return loaded.head.from_ids(token_ids, truncate, field)
             return await self._encode(loaded, texts, pairs, truncate, field)
 
+        return await self._run(model, version, loaded, items_for, field)
+
+    async def _run(self, model: str, version: str | int | None, loaded: LoadedVersion,
+                   items_for: Callable[[LoadedVersion], Awaitable[list[Encoded]] | Awaitable[list[Image]]],
+                   field: str) -> Result:
+        """Queue one request's items (made for the version that runs them) and map the batcher's and
+        the runtime's failures to the protocol's errors."""
         try:
             items = await items_for(loaded)
             try:
@@ -347,6 +355,16 @@ class DataPlane:
 
         async def work() -> tuple[Result, None]:
             loaded = self.models.get(model, version)
+            head = loaded.head
+            if isinstance(head, ImageClassificationHead):
+                images = head.images(inputs, loaded.max_texts)
+
+                async def items_for(serving: LoadedVersion) -> list[Image]:
+                    if not isinstance(serving.head, ImageClassificationHead) or serving.head.spec != head.spec:
+                        raise InvalidInput(f"model {model!r}: its new version takes other inputs; send again")
+                    return images
+
+                return await self._run(model, version, loaded, items_for, "inputs"), None
             texts, pairs = self._text_tensors(inputs, loaded)
             return await self.forward(model, version, texts, pairs, truncate, "inputs.text"), None
 
@@ -405,6 +423,8 @@ class DataPlane:
         "query: "), and the most tokens it takes: the ids /v1/embeddings accepts as input."""
         loaded = self.models.served(model, None)
         head = loaded.head
+        if isinstance(head, ImageClassificationHead):
+            raise InvalidInput(f"model {model!r} takes images: it has no tokenizer")
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(f"prompt is {len(text)} characters; at most {self.settings.max_text_chars} "
                                "(SAMPSERVE_MAX_TEXT_CHARS)")
@@ -423,6 +443,8 @@ class DataPlane:
     def detokenize(self, model: str, tokens: list[int]) -> str:
         """The text of the model's token ids (special tokens kept, so a /tokenize round trip shows them)."""
         head = self.models.served(model, None).head
+        if isinstance(head, ImageClassificationHead):
+            raise InvalidInput(f"model {model!r} takes images: it has no tokenizer")
         vocab = head.tokenizer.get_vocab_size(with_added_tokens=True)
         if len(tokens) > MAX_DETOKENIZE:
             raise InvalidInput(f"tokens: {len(tokens)} ids; at most {MAX_DETOKENIZE}")

@@ -26,7 +26,7 @@ from service.errors import Forbidden, InvalidInput, LoadFailed, ModelNotFound, N
 from service.generation.engine import GenerationEngine, warm_up
 from service.generation.graph import DecoderGraph
 from service.generation.scheduler import EngineLimits
-from service.heads import HEADS, Encoded, GenerationHead, TextEncoder
+from service.heads import HEADS, Encoded, EncoderHead, GenerationHead, Image, make_head
 from service.instances import InstancePool, call_in_thread
 from service.metrics import Metrics
 from service.provenance import HostInfo, host_info, mismatch
@@ -90,16 +90,16 @@ class LoadedVersion:
     name: str
     version: int
     config: RepoModelConfig
-    head: TextEncoder
+    head: EncoderHead
     pool: InstancePool
-    batcher: Batcher[Encoded, np.ndarray]
+    batcher: Batcher[Encoded | Image, np.ndarray]
     max_texts: int
     """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
     width: int
     """Length of one output row (embedding size or number of classes), measured by the warm-up pass."""
     tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
-    async def run(self, items: list[Encoded], timeout_s: float | None) -> np.ndarray:
+    async def run(self, items: list[Encoded] | list[Image], timeout_s: float | None) -> np.ndarray:
         """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
         timings: list[tuple[float, float, float]] | None = [] if tracing.enabled() else None
         rows = await self.batcher.submit_many([(item, item.length) for item in items], timeout_s, timings)
@@ -325,7 +325,7 @@ class ModelManager:
         """Load, check and warm up one version (blocking: runs on a thread of its own)."""
         path = self.settings.repo / name / str(version)
         manifest = verify(path)
-        head = HEADS[config.task](path)
+        head = make_head(config.task, path)
         if isinstance(head, GenerationHead):
             loaded: ServedVersion = self._build_generator(name, config, version, head)
         else:
@@ -356,7 +356,7 @@ class ModelManager:
         engine.start()
         return GenerationVersion(name, version, config, head, engine)
 
-    def _build_encoder(self, name: str, config: RepoModelConfig, version: int, head: TextEncoder) -> LoadedVersion:
+    def _build_encoder(self, name: str, config: RepoModelConfig, version: int, head: EncoderHead) -> LoadedVersion:
         path = self.settings.repo / name / str(version)
         if head.max_length > config.batching.max_batch_tokens:
             raise ValueError(f"batching.max_batch_tokens={config.batching.max_batch_tokens} is below the model's "
@@ -371,7 +371,7 @@ class ModelManager:
         disabled = tuple(head.meta.disabled_optimizers or ())
         pool = InstancePool(lambda: factory(path / ONNX_FILE, self.settings.threads, count == 1, disabled), count,
                             self.settings.runtime_timeout_s, f"{name}/{version}", on_hung=hung.set)
-        warm_up = head.collate(head.encode(["warm up"], truncate=True))
+        warm_up = head.collate(head.warm_up_items())  # type: ignore[arg-type]
         pool.start(warm_up)  # one real forward pass each before the version may take traffic
         width = int(pool.runtimes[0].run(warm_up).shape[-1])
         policy = BatchPolicy(max_batch_size=config.batching.max_batch_size,
@@ -379,13 +379,13 @@ class ModelManager:
                              max_queue_size=config.batching.max_queue_size)
         compute = self.metrics.compute_time.labels(name, str(version))
 
-        async def run_batch(items: list[Encoded]) -> list[np.ndarray]:
+        async def run_batch(items: list[Encoded | Image]) -> list[np.ndarray]:
             start = time.perf_counter()
-            out = await pool.run(head.collate(items), warm_up)
+            out = await pool.run(head.collate(items), warm_up)  # type: ignore[arg-type]  # its own head's items
             compute.observe(time.perf_counter() - start)
             return list(out)
 
-        batcher: Batcher[Encoded, np.ndarray] = Batcher(run_batch, policy, self.metrics.observer(name, version),
+        batcher: Batcher[Encoded | Image, np.ndarray] = Batcher(run_batch, policy, self.metrics.observer(name, version),
                                                        concurrency=count)
         max_texts = max(1, min(self.settings.max_texts_per_request, policy.max_queue_size // 2))
         return LoadedVersion(name, version, config, head, pool, batcher, max_texts, width)

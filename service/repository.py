@@ -258,9 +258,33 @@ OrtFusion = Literal["SkipLayerNormFusion"]
 """onnxruntime graph fusions SAMP times with and without on the machine at hand (docs/design.md)."""
 
 
+class ImageSpec(_Strict):
+    """How an image model's version takes pixels: the one shape its graph accepts and the arithmetic
+    that turns UINT8 pixels into its FP32 ``pixel_values`` (transformers' image processor's rescale and
+    normalize, recorded from the checkpoint's ``preprocessor_config.json``)."""
+
+    height: int = Field(ge=1, le=4096)
+    width: int = Field(ge=1, le=4096)
+    channels: int = Field(ge=1, le=4)
+    rescale_factor: float = Field(1 / 255, gt=0)
+    """UINT8 pixels are multiplied by this (1/255: to [0, 1]) ..."""
+    mean: list[float]
+    """... then have this subtracted, per channel ..."""
+    std: list[float]
+    """... and are divided by this, per channel."""
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImageSpec:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need one value per channel ({self.channels})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
 class HeadMeta(BaseModel):
     """``<model>/<N>/head.json``: what the server needs, beside the graph and the tokenizer, to turn
-    texts into a version's inputs and its outputs into answers.
+    texts (or images) into a version's inputs and its outputs into answers.
 
     Written by the quantizer's publish, read by the server's heads (service.heads) and by
     quantizer.torch_module. Fields nobody reads are not written. Unknown fields are ignored rather
@@ -270,11 +294,15 @@ class HeadMeta(BaseModel):
 
     model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
-    input_names: list[Literal["input_ids", "attention_mask", "token_type_ids", "position_ids"]] = Field(min_length=1)
-    """The graph's token inputs, in order; all int64 (batch, sequence). A generation graph also takes
-    its cache (GenerationMeta)."""
+    input_names: list[Literal["input_ids", "attention_mask", "token_type_ids", "position_ids",
+                              "pixel_values"]] = Field(min_length=1)
+    """The graph's inputs, in order: token inputs, all int64 (batch, sequence); or an image model's
+    ``pixel_values``, float32 (batch, channels, height, width). A generation graph also takes its cache
+    (GenerationMeta)."""
     max_length: int = Field(ge=1)
-    """Longest input in tokens (special tokens included) the model takes."""
+    """Longest input in tokens (special tokens included) the model takes; an image model's patches + 1."""
+    image: ImageSpec | None = None
+    """An image model: the pixels it takes (it has no tokenizer)."""
     pad_token_id: int = Field(0, ge=0)
     """Token id that pads a batch's shorter rows."""
     labels: list[str] | None = None

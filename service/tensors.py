@@ -1,9 +1,58 @@
-"""The Open Inference Protocol's BYTES wire format, shared by the REST binary extension and gRPC
-raw contents: each element is a 4-byte little-endian length followed by that many bytes."""
+"""Input tensors as the transports receive them, and the Open Inference Protocol's wire formats:
+BYTES elements (a 4-byte little-endian length, then that many bytes) and fixed-size numbers, shared by
+the REST binary extension, JSON data and gRPC's raw or typed contents."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
 from service.errors import InvalidInput
+
+NUMPY_TYPES: dict[str, np.dtype] = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
+"""The numeric datatypes a head takes, as little-endian numpy types (the protocol's byte order)."""
+
+
+@dataclass
+class TensorInput:
+    """A v2 input tensor as a transport received it. Its elements are decoded only once its declared
+    shape has passed the limits, so a message of a million elements costs nothing to refuse."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    decode: Callable[[int], list[Any]]
+    """BYTES elements, given how many the shape declares: InvalidInput if the data holds another number
+    (found without decoding past that number) or a malformed element."""
+    raw: bytes | memoryview | None = None
+    """The binary extension's (or gRPC's raw) bytes of this tensor, for numeric datatypes."""
+    values: Sequence[Any] | None = None
+    """The elements given as numbers (JSON data, gRPC typed contents), flattened row-major."""
+
+    def array(self, where: str) -> np.ndarray:
+        """A numeric tensor's elements as a flat numpy array of its datatype, after its shape (checked by
+        the caller) and its byte or element count agree; JSON numbers must fit the type exactly."""
+        dtype = NUMPY_TYPES[self.datatype]
+        count = math.prod(self.shape)
+        if self.raw is not None:
+            if len(self.raw) != count * dtype.itemsize:
+                raise InvalidInput(f"{where}: shape {list(self.shape)} of {self.datatype} is {count * dtype.itemsize} "
+                                   f"bytes; the data holds {len(self.raw)}")
+            return np.frombuffer(self.raw, dtype=dtype, count=count)
+        if self.values is None:
+            raise InvalidInput(f"{where}: no data (give data, or binary_data_size with the binary extension)")
+        if len(self.values) != count:
+            raise InvalidInput(f"{where}: shape {list(self.shape)} holds {count} elements, data has {len(self.values)}")
+        if self.datatype == "UINT8":
+            if any(type(v) is not int or not 0 <= v <= 255 for v in self.values):
+                raise InvalidInput(f"{where}: UINT8 data must be integers 0..255")
+        elif any(type(v) not in (int, float) for v in self.values):
+            raise InvalidInput(f"{where}: {self.datatype} data must be numbers")
+        return np.asarray(self.values, dtype=dtype)
 
 
 def decode_bytes_elements(blob: bytes | memoryview, field: str, expected: int) -> list[str]:

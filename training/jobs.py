@@ -113,18 +113,17 @@ def describe(checkpoint: Checkpoint, title: str) -> Table:
 
 def make_collator(
     tokenizer: Tokenizer | None, config: ModelConfig, task: str, labels: list[str] | None, max_length: int, seed: int,
-    preprocessor: dict | None = None, data_dir: Path | None = None,
+    preprocessor: dict | None = None,
 ) -> Collator:
     """The batch builder for ``task``, with special tokens read from the model's own tokenizer (an image
-    model's: with its image processor, reading image files relative to ``data_dir``)."""
+    model's: with its image processor)."""
     if config.modality == "image":
         from training.images import image_processor
 
         if preprocessor is None:
             raise ValueError("an image model needs its preprocessor config")
         return Collator(task=task, tokenizer=None, pad_id=config.pad_token_id, labels=labels, seed=seed,
-                        image_processor=image_processor(preprocessor), image_root=data_dir,
-                        image_channels=config.embedding.num_channels)
+                        image_processor=image_processor(preprocessor), image_channels=config.embedding.num_channels)
     if tokenizer is None:
         raise ValueError("a text model needs its tokenizer")
     configured_tokenizer = configured(tokenizer, max_length, config.pad_token_id)
@@ -206,16 +205,11 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
     if modality == "image":
         max_length = base.head.max_length
     collator = make_collator(base.tokenizer, model.config, task, labels, max_length, settings.seed,
-                             base.preprocessor, job.data.parent)
-    dev_collator = None
-    if dev_records and modality == "image" and job.dev is not None and job.dev.parent != job.data.parent:
-        dev_collator = make_collator(None, model.config, task, labels, max_length, settings.seed,
-                                     base.preprocessor, job.dev.parent)
+                             base.preprocessor)
     head = HeadInfo(task=task, labels=labels, max_length=max_length,
                     text_pair=task == "classification" and "text_pair" in records[0],
                     source=f"trained from {job.init_from or job.config} on {job.data.name}")
-    trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir, preprocessor=base.preprocessor,
-                      dev_collator=dev_collator)
+    trainer = Trainer(model, base.tokenizer, head, collator, settings, job.out_dir, preprocessor=base.preprocessor)
     return trainer.train(records, dev_records, resume=job.resume)
 
 
@@ -241,7 +235,7 @@ def evaluate_checkpoint(path: Path, data: Path, max_length: int = 128) -> dict[s
     validate_records(records, task, str(data), checkpoint.config.modality)
     collator = make_collator(checkpoint.tokenizer, checkpoint.config, task, checkpoint.head.labels,
                              min(max_length, checkpoint.head.max_length), seed=0,
-                             preprocessor=checkpoint.preprocessor, data_dir=Path(data).parent)
+                             preprocessor=checkpoint.preprocessor)
     trainer = Trainer(checkpoint.model, checkpoint.tokenizer, checkpoint.head, collator,
                       TrainSettings(progress=False), path, preprocessor=checkpoint.preprocessor)
     with torch.no_grad():

@@ -220,12 +220,10 @@ class Trainer:
         out_dir: Path,
         objective: Objective | None = None,
         preprocessor: dict | None = None,
-        dev_collator: Collator | Any | None = None,
     ) -> None:
         """``collator`` turns records into a batch; ``objective`` (default: the model's target) gives the loss.
         Parameters with ``requires_grad`` off stay frozen and get no optimizer state. ``preprocessor`` (an
-        image model's processor config) is saved with each checkpoint; ``dev_collator`` (default: ``collator``)
-        builds the dev batches, for dev images in another folder."""
+        image model's processor config) is saved with each checkpoint."""
         self.env, self.device = setup_distributed()
         if settings.batch_size % (settings.grad_accum * self.env.world_size):
             raise ValueError(
@@ -238,7 +236,6 @@ class Trainer:
         self.preprocessor = preprocessor
         self.head = head
         self.collator = collator
-        self.dev_collator = dev_collator or collator
         self.out_dir = Path(out_dir)
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
@@ -371,7 +368,7 @@ class Trainer:
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
             ids = list(range(i, i + len(chunk)))
-            batch = to_device(self.dev_collator(chunk, ids, epoch=0), self.device)
+            batch = to_device(self.collator(chunk, ids, epoch=0), self.device)
             if self.objective is not None:
                 loss, metrics = self.objective.loss(self.objective.module(**self.objective.inputs(batch)), batch)
             else:

@@ -47,8 +47,15 @@ def _tensors(request: pb.ModelInferRequest) -> list[TensorInput]:
     for index, tensor in enumerate(request.inputs):
         where = f"inputs.{tensor.name[:64]}"
         decode = _raw(raw[index], where) if raw else _elements(tensor.contents.bytes_contents, where)
-        tensors.append(TensorInput(tensor.name, tensor.datatype, list(tensor.shape), decode))
+        numbers = NUMERIC_CONTENTS.get(tensor.datatype)
+        tensors.append(TensorInput(tensor.name, tensor.datatype, list(tensor.shape), decode,
+                                   raw=raw[index] if raw else None,
+                                   values=getattr(tensor.contents, numbers) if numbers and not raw else None))
     return tensors
+
+
+NUMERIC_CONTENTS = {"UINT8": "uint_contents", "FP32": "fp32_contents"}
+"""Where typed (not raw) contents carry each numeric datatype a head takes."""
 
 
 def _raw(blob: bytes, where: str) -> Callable[[int], list[Any]]:

@@ -114,13 +114,13 @@ def _json_tensor(tensor: RequestInput) -> TensorInput:
             raise InvalidInput(f"{where}: BYTES data must be strings")
         return flat
 
-    return TensorInput(tensor.name, tensor.datatype, tensor.shape, decode)
+    return TensorInput(tensor.name, tensor.datatype, tensor.shape, decode, values=flat)
 
 
 def _binary_tensor(tensor: RequestInput, blob: memoryview) -> TensorInput:
     where = f"inputs.{tensor.name[:64]}"
     return TensorInput(tensor.name, tensor.datatype, tensor.shape,
-                       lambda limit: decode_bytes_elements(blob, where, limit))
+                       lambda limit: decode_bytes_elements(blob, where, limit), raw=blob)
 
 
 def _flatten(data: list[Any], where: str) -> list[Any]:

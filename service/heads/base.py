@@ -61,6 +61,10 @@ class TextEncoder:
             out.append(Encoded(tuple(enc.ids), tuple(enc.type_ids)))
         return out
 
+    def warm_up_items(self) -> list[Encoded]:
+        """One real input for the warm-up pass a version makes before it takes traffic."""
+        return self.encode(["warm up"], truncate=True)
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -6,10 +6,13 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.heads.base import TextEncoder
+from service.repository import HeadMeta
 
 
-class ClassificationHead(TextEncoder):
-    task = "classification"
+class Labelled:
+    """Logits -> label names and probabilities: shared by the text and image classification heads."""
+
+    meta: HeadMeta
 
     @property
     def labels(self) -> list[str]:
@@ -26,3 +29,7 @@ class ClassificationHead(TextEncoder):
             order = np.argsort(-row, kind="stable")[:k]
             out.append([(self.labels[i] if i < len(self.labels) else str(i), float(row[i])) for i in order])
         return out
+
+
+class ClassificationHead(Labelled, TextEncoder):
+    task = "classification"

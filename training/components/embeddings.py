@@ -90,8 +90,12 @@ class SegmentEmbedding(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """ViT: a strided convolution cuts the image (B, C, H, W) into patch vectors, a learned class
-    token goes first and learned positions are added: (B, 1 + patches, hidden)."""
+    """ViT: the image (B, C, H, W) is cut into patch vectors and projected, a learned class token goes
+    first and learned positions are added: (B, 1 + patches, hidden).
+
+    The projection keeps ViT's Conv2d weights (kernel = stride = patch, so checkpoints convert as they
+    are) but runs as what such a convolution is, a patch reshape and one matrix multiply: in the exported
+    graph it is a weight MatMul like every other, which SAMP measures and quantizes as a unit."""
 
     def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
         super().__init__()
@@ -99,10 +103,15 @@ class PatchEmbedding(nn.Module):
                                     stride=emb.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.positions = nn.Parameter(torch.zeros(1, emb.num_patches + 1, config.hidden_size))
+        self.channels, self.patch, self.grid = emb.num_channels, emb.patch_size, emb.image_size // emb.patch_size
 
     def forward(self, pixel_values: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
         # No data-dependent size check here (ONNX tracing): the server checks the shape before work.
-        patches = self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+        c, p, g = self.channels, self.patch, self.grid
+        x = pixel_values.to(self.projection.weight.dtype).reshape(-1, c, g, p, g, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(-1, g * g, c * p * p)  # row-major patches, (C, kh, kw) each
+        weight = self.projection.weight.reshape(self.projection.out_channels, c * p * p)
+        patches = nn.functional.linear(x, weight, self.projection.bias)
         cls = self.cls.expand(patches.shape[0], -1, -1)
         return torch.cat([cls, patches], dim=1) + self.positions
 

@@ -6,7 +6,7 @@ Record fields per task (the same names in JSONL keys and TSV header columns):
 mlm, lm                ``text``  (lm also takes ``prompt`` + ``completion``)
 seq2seq                ``source``, ``target``
 classification         ``text`` [, ``text_pair``], ``label``; an image model: ``image`` (a file
-                       path, relative to the data file), ``label``
+                       path, relative to the data file's folder), ``label``
 pair_classification    ``text_a``, ``text_b``, ``label``
 matching               ``text_a``, ``text_b`` (a positive pair; other rows are negatives)
 =====================  ============================================================
@@ -39,8 +39,19 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def read_records(path: Path) -> list[dict]:
-    """JSONL (one object a line) or TSV with a header row; the suffix decides."""
+    """JSONL (one object a line) or TSV with a header row; the suffix decides. A record's ``image``
+    (a file path) is relative to the data file's folder, so a data set moves as one folder."""
     path = Path(path)
+    return [_resolved(r, path.parent) for r in _read(path)]
+
+
+def _resolved(record: dict, root: Path) -> dict:
+    if isinstance(record.get("image"), str):
+        record["image"] = str(root / record["image"])
+    return record
+
+
+def _read(path: Path) -> list[dict]:
     if path.suffix in (".tsv", ".tab"):
         with open(path, newline="", encoding="utf-8") as f:
             return [dict(row) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
@@ -96,8 +107,6 @@ class Collator:
     seed: int = 0
     image_processor: Any = None
     """An image model's transformers image processor (training.images); None for text."""
-    image_root: Path | None = None
-    """Where records' relative ``image`` paths start: the data file's folder."""
     image_channels: int = 3
 
     def __call__(self, records: list[dict], indices: list[int], epoch: int) -> dict:
@@ -116,8 +125,7 @@ def _classification(c: Collator, records: list[dict], indices: list[int], epoch:
     if c.image_processor is not None:
         from training.images import load_image, pixel_values
 
-        root = c.image_root or Path(".")
-        images = [load_image(root / r["image"], c.image_channels) for r in records]
+        images = [load_image(Path(r["image"]), c.image_channels) for r in records]
         return {"pixel_values": pixel_values(c.image_processor, images), "labels": c.label_tensor(records)}
     pairs = [r["text_pair"] for r in records] if "text_pair" in records[0] else None
     batch = encode(c.tokenizer, [r["text"] for r in records], pairs)
