@@ -2,8 +2,8 @@
 
 Triton's way: the model takes one shape, and the client sends it. A version's ``head.json`` holds the
 shape and the arithmetic of the image processor the model was trained with (``ImageSpec``), so
-``image`` (UINT8, [H, W, C] or [N, H, W, C]) is rescaled and normalized here exactly as transformers
-would, and ``pixel_values`` (FP32, [C, H, W] or [N, C, H, W]) is taken as already prepared. Every
+``image`` (UINT8, [H, W, C] or [N, H, W, C]) is rescaled and normalized here bit-identically to
+transformers, and ``pixel_values`` (FP32, [C, H, W] or [N, C, H, W]) is taken as already prepared. Every
 check (name, datatype, shape, count, byte size, finiteness) runs before any work is queued.
 """
 
@@ -41,9 +41,14 @@ class ImageClassificationHead(Labelled):
         self.spec: ImageSpec = self.meta.image
         self.max_length = self.meta.max_length
         self.input_names = list(self.meta.input_names)
-        std = np.asarray(self.spec.std, dtype=np.float32)[:, None, None]
-        self._scale = np.float32(self.spec.rescale_factor) / std
-        self._shift = np.asarray(self.spec.mean, dtype=np.float32)[:, None, None] / std
+        # Every UINT8 value of every channel, prepared once with the image processor's own arithmetic
+        # (rescale in float64, then float32 (x - mean) / std): a lookup is bit-identical to transformers'
+        # output. Computed otherwise (x * (factor / std) - mean / std) the values differ in the last bit,
+        # and a static INT8 graph rounds such values onto different quantization steps.
+        values = (np.arange(256, dtype=np.float64) * self.spec.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.spec.mean, dtype=np.float32)[:, None]
+        self._table = (values[None, :] - mean) / np.asarray(self.spec.std, dtype=np.float32)[:, None]  # (C, 256)
+        self._channels = np.arange(self.spec.channels)
 
     def shapes(self) -> dict[str, list[int]]:
         """Each input's shape with the batch axis first (-1), as model metadata lists it."""
@@ -78,7 +83,7 @@ class ImageClassificationHead(Labelled):
                 raise InvalidInput(f"{where}: holds NaN or infinity")
             batch = flat.reshape(shape)
         else:
-            batch = flat.reshape(shape).transpose(0, 3, 1, 2).astype(np.float32) * self._scale - self._shift
+            batch = self._table[self._channels, flat.reshape(shape)].transpose(0, 3, 1, 2)  # (N, C, H, W)
         return [Image(np.ascontiguousarray(row, dtype=np.float32), self.max_length) for row in batch]
 
     def warm_up_items(self) -> list[Image]:
