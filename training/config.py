@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_EMBEDDINGS = frozenset({"word", "factorized_word", "pos", "sinusoidal_pos", "seg", "patch"})
-TENSOR_PARTS: dict[str, str] = {"patch": "image"}
+_EMBEDDINGS = frozenset({"word", "factorized_word", "pos", "sinusoidal_pos", "seg", "patch", "waveform"})
+TENSOR_PARTS: dict[str, str] = {"patch": "image", "waveform": "audio"}
 """Embedding parts that take a tensor instead of token ids, and the modality each one makes."""
 COMPONENT_NAMES: dict[str, frozenset[str]] = {
     "embeddings": _EMBEDDINGS,
@@ -53,10 +53,17 @@ class EmbeddingConfig(_Strict):
     image_size: int = Field(224, ge=1, description="Patch embedding: the square input image's side in pixels.")
     patch_size: int = Field(16, ge=1, description="Patch embedding: the square patch's side in pixels.")
     num_channels: int = Field(3, ge=1, description="Patch embedding: colour channels of the input image.")
+    conv_dim: tuple[int, ...] = Field((512,) * 7, description="Waveform embedding: channels of each conv layer.")
+    conv_kernel: tuple[int, ...] = Field((10, 3, 3, 3, 3, 2, 2), description="Waveform: each conv's kernel.")
+    conv_stride: tuple[int, ...] = Field((5, 2, 2, 2, 2, 2, 2), description="Waveform: each conv's stride.")
+    conv_bias: bool = False
+    num_conv_pos_embeddings: int = Field(128, ge=1, description="Waveform: the positional convolution's kernel.")
+    num_conv_pos_embedding_groups: int = Field(16, ge=1)
+    sampling_rate: int = Field(16000, ge=1, description="Waveform: samples per second the model was trained on.")
 
     @property
     def modality(self) -> str:
-        """What the embedding takes: "text" (token ids) or a tensor modality ("image")."""
+        """What the embedding takes: "text" (token ids) or a tensor modality ("image", "audio")."""
         kinds = {TENSOR_PARTS[p] for p in self.parts if p in TENSOR_PARTS}
         return kinds.pop() if kinds else "text"
 
@@ -72,7 +79,15 @@ class EmbeddingConfig(_Strict):
                              f"it cannot be summed with {[p for p in self.parts if p not in tensor_parts]}")
         if "patch" in self.parts and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride) >= 1:
+            raise ValueError("conv_dim, conv_kernel and conv_stride need one entry per conv layer, the same count")
         return self
+
+    def frames(self, samples: int) -> int:
+        """Waveform: how many frames (encoder positions) the conv stack makes of ``samples``."""
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            samples = (samples - kernel) // stride + 1
+        return samples
 
 
 class StackConfig(_Strict):
@@ -133,6 +148,8 @@ class TargetConfig(_Strict):
     tie_weights: bool = True
     lm_transform: bool = Field(False, description="BERT MLM transform: dense + act + LN before the vocab.")
     scale_logits: bool = Field(False, description="T5: scale decoder output by hidden_size**-0.5.")
+    classifier_proj_size: int | None = Field(
+        None, ge=1, description="cls: project the pooled vector to this width before the classifier (wav2vec2).")
     contrastive_scale: float = 20.0
 
 

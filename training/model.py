@@ -12,6 +12,10 @@ from training.components.layers import LayerCache
 from training.config import ModelConfig
 
 
+MODEL_INPUTS = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
+"""What each modality's model takes (the forward argument, and the exported graph's input name)."""
+
+
 class Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -74,13 +78,15 @@ class Model(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The served output: logits or pooled embeddings, as the target defines. An image model
-        takes ``pixel_values`` (B, C, H, W) instead of token ids; every patch is attended."""
-        inputs = pixel_values if self.config.modality == "image" else input_ids
+        takes ``pixel_values`` (B, C, H, W), an audio model ``input_values`` (B, samples) instead of
+        token ids; every patch or frame is attended."""
+        given = {"text": input_ids, "image": pixel_values, "audio": input_values}
+        inputs = given[self.config.modality]
         if inputs is None:
-            name = "pixel_values" if self.config.modality == "image" else "input_ids"
-            raise ValueError(f"this {self.config.modality} model takes {name}")
+            raise ValueError(f"this {self.config.modality} model takes {MODEL_INPUTS[self.config.modality]}")
         if self.config.modality != "text":
             hidden = self.encode(inputs).hidden
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

@@ -116,6 +116,46 @@ class PatchEmbedding(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.positions
 
 
+class WaveformEmbedding(nn.Module):
+    """wav2vec2's front end on raw audio (B, samples): a stack of strided 1-D convolutions (group norm
+    after the first, GELU after each) makes one frame per 20 ms at 16 kHz; the frames are layer-normed
+    and projected to the hidden size, and a grouped, weight-normed convolution over time adds relative
+    positions. The embedding's own layer norm (configured on) is then wav2vec2's encoder layer norm.
+    ``mask`` is wav2vec2's learned vector for masked frames (kept so checkpoints convert exactly)."""
+
+    def __init__(self, config: ModelConfig, emb: EmbeddingConfig) -> None:
+        super().__init__()
+        convs: list[nn.Module] = []
+        channels = 1
+        for width, kernel, stride in zip(emb.conv_dim, emb.conv_kernel, emb.conv_stride):
+            convs.append(nn.Conv1d(channels, width, kernel, stride=stride, bias=emb.conv_bias))
+            channels = width
+        self.convs = nn.ModuleList(convs)
+        self.conv_norm = nn.GroupNorm(emb.conv_dim[0], emb.conv_dim[0], affine=True)
+        self.feature_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(channels, config.hidden_size)
+        kernel = emb.num_conv_pos_embeddings
+        position = nn.Conv1d(config.hidden_size, config.hidden_size, kernel, padding=kernel // 2,
+                             groups=emb.num_conv_pos_embedding_groups)
+        self.position = nn.utils.parametrizations.weight_norm(position, name="weight", dim=2)
+        self.trim = 1 if kernel % 2 == 0 else 0  # an even kernel's padding makes one frame too many
+        self.mask = nn.Parameter(torch.zeros(config.hidden_size))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_values: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        x = input_values.to(self.projection.weight.dtype)[:, None, :]
+        for index, conv in enumerate(self.convs):
+            x = conv(x)
+            if index == 0:
+                x = self.conv_norm(x)
+            x = nn.functional.gelu(x)
+        x = self.dropout(self.projection(self.feature_norm(x.transpose(1, 2))))  # (B, frames, hidden)
+        position = self.position(x.transpose(1, 2))
+        if self.trim:
+            position = position[:, :, : -self.trim]
+        return x + nn.functional.gelu(position).transpose(1, 2)
+
+
 EMBEDDINGS: dict[str, type[nn.Module]] = {
     "word": WordEmbedding,
     "factorized_word": FactorizedWordEmbedding,
@@ -123,6 +163,7 @@ EMBEDDINGS: dict[str, type[nn.Module]] = {
     "sinusoidal_pos": SinusoidalPositionEmbedding,
     "seg": SegmentEmbedding,
     "patch": PatchEmbedding,
+    "waveform": WaveformEmbedding,
 }
 
 

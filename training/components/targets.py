@@ -23,7 +23,7 @@ from training.config import ModelConfig
 Metrics = dict[str, float]
 Inputs = dict[str, torch.Tensor]
 IGNORE = -100
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "input_values")
 
 
 def _vocab_projection(config: ModelConfig, word_weight: nn.Parameter | None, bias: bool) -> nn.Linear:
@@ -172,10 +172,15 @@ class ClassificationTarget(Target):
         super().__init__(config, word_weight)
         self.pooler = _Pooler(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, _labels_required(config))
+        width = config.target.classifier_proj_size
+        self.projector = nn.Linear(config.hidden_size, width) if width else None
+        self.classifier = nn.Linear(width or config.hidden_size, _labels_required(config))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.pooler(hidden, attention_mask)))  # (B, labels)
+        pooled = self.pooler(hidden, attention_mask)
+        if self.projector is not None:  # wav2vec2 projects each frame, then pools: the same map, reordered
+            pooled = self.projector(pooled)
+        return self.classifier(self.dropout(pooled))  # (B, labels)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return _classification_metrics(logits, batch["labels"])

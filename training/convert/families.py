@@ -4,7 +4,7 @@ Each family knows its HF ``model_type``, how to read HF's config into ours (and 
 list of ``Rule``s for a given config. Heads are mapped by HF architecture name:
 ``*Model`` (bare encoder: we serve pooled sentence embeddings), ``*ForMaskedLM``,
 ``*ForSequenceClassification``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``T5ForConditionalGeneration``,
-``ViTModel`` and ``ViTForImageClassification``.
+``ViTModel``, ``ViTForImageClassification``, ``Wav2Vec2Model`` and ``Wav2Vec2ForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -596,11 +596,146 @@ VIT = Family(
     rules=_vit_rules,
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5, LLAMA, VIT)}
+# ---------------------------------------------------------------- wav2vec2 (audio)
+
+
+def _wav2vec2_to_ours(hf: dict[str, Any], arch: str, extra: dict[str, Any]) -> ModelConfig:
+    unsupported = {"feat_extract_norm": "group", "do_stable_layer_norm": False, "feat_extract_activation": "gelu",
+                   "use_weighted_layer_sum": False, "add_adapter": False}
+    for key, supported in unsupported.items():
+        if hf.get(key, supported) != supported:
+            raise ValueError(f"wav2vec2 with {key}={hf[key]!r} is not supported (only {supported!r}: the base layout)")
+    if WAV2VEC2.architectures[arch] == "cls":
+        labels = hf.get("id2label") or {}
+        target = TargetConfig(name="cls", pooling="mean", num_labels=max(2, len(labels)),
+                              classifier_proj_size=hf.get("classifier_proj_size", 256))
+    else:  # Wav2Vec2Model: frames averaged into one vector
+        target = TargetConfig(name="contrastive", pooling="mean", normalize=False)
+    return ModelConfig(
+        vocab_size=0,
+        hidden_size=hf["hidden_size"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        dropout=hf.get("hidden_dropout", 0.1),
+        attention_dropout=hf.get("attention_dropout", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        embedding=EmbeddingConfig(
+            parts=("waveform",), layernorm=True, conv_dim=tuple(hf["conv_dim"]), conv_kernel=tuple(hf["conv_kernel"]),
+            conv_stride=tuple(hf["conv_stride"]), conv_bias=bool(hf.get("conv_bias", False)),
+            num_conv_pos_embeddings=hf.get("num_conv_pos_embeddings", 128),
+            num_conv_pos_embedding_groups=hf.get("num_conv_pos_embedding_groups", 16)),
+        encoder=StackConfig(num_layers=hf["num_hidden_layers"], layernorm_positioning="post",
+                            activation=hf.get("hidden_act", "gelu")),
+        target=target,
+    )
+
+
+def _wav2vec2_to_hf(config: ModelConfig) -> dict[str, Any]:
+    emb = config.embedding
+    out = {
+        "model_type": "wav2vec2",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.encoder.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.encoder.activation,
+        "hidden_dropout": config.dropout,
+        "attention_dropout": config.attention_dropout,
+        "layer_norm_eps": config.layer_norm_eps,
+        "feat_extract_norm": "group",
+        "feat_extract_activation": "gelu",
+        "do_stable_layer_norm": False,
+        "conv_dim": list(emb.conv_dim),
+        "conv_kernel": list(emb.conv_kernel),
+        "conv_stride": list(emb.conv_stride),
+        "conv_bias": emb.conv_bias,
+        "num_feat_extract_layers": len(emb.conv_dim),
+        "num_conv_pos_embeddings": emb.num_conv_pos_embeddings,
+        "num_conv_pos_embedding_groups": emb.num_conv_pos_embedding_groups,
+        "vocab_size": 32,  # the CTC head's, unused by these architectures
+    }
+    if config.target.classifier_proj_size:
+        out["classifier_proj_size"] = config.target.classifier_proj_size
+    return out
+
+
+def _wav2vec2_rules(config: ModelConfig) -> list[Rule]:
+    if config.modality != "audio" or config.encoder.layernorm_positioning != "post":
+        raise ValueError("the wav2vec2 family exports post-LN audio models (embedding part 'waveform')")
+    if config.target.name == "cls" and (config.target.pooling != "mean" or config.target.pooler_dense
+                                        or not config.target.classifier_proj_size):
+        raise ValueError("Wav2Vec2ForSequenceClassification pools by mean and projects (classifier_proj_size)")
+    b = "wav2vec2." if config.target.name == "cls" else ""
+    w = "embedding.parts.waveform."
+    rules = []
+    for i in range(len(config.embedding.conv_dim)):
+        rules.append(Rule(f"{w}convs.{i}.weight", f"{b}feature_extractor.conv_layers.{i}.conv.weight"))
+        if config.embedding.conv_bias:
+            rules.append(Rule(f"{w}convs.{i}.bias", f"{b}feature_extractor.conv_layers.{i}.conv.bias"))
+    pairs = {
+        f"{w}conv_norm": "feature_extractor.conv_layers.0.layer_norm",
+        f"{w}feature_norm": "feature_projection.layer_norm",
+        f"{w}projection": "feature_projection.projection",
+        "embedding.layernorm": "encoder.layer_norm",
+    }
+    for i in range(config.encoder.num_layers):
+        ours, hf = f"encoder.layers.{i}.", f"encoder.layers.{i}."
+        pairs.update({
+            f"{ours}self_attention.query": f"{hf}attention.q_proj",
+            f"{ours}self_attention.key": f"{hf}attention.k_proj",
+            f"{ours}self_attention.value": f"{hf}attention.v_proj",
+            f"{ours}self_attention.output": f"{hf}attention.out_proj",
+            f"{ours}self_attention_norm": f"{hf}layer_norm",
+            f"{ours}feed_forward.inner": f"{hf}feed_forward.intermediate_dense",
+            f"{ours}feed_forward.outer": f"{hf}feed_forward.output_dense",
+            f"{ours}feed_forward_norm": f"{hf}final_layer_norm",
+        })
+    for o, h in pairs.items():
+        rules += [Rule(f"{o}.weight", f"{b}{h}.weight"), Rule(f"{o}.bias", f"{b}{h}.bias")]
+    position = f"{b}encoder.pos_conv_embed.conv"
+    rules += [
+        Rule(f"{w}position.bias", f"{position}.bias"),
+        Rule(f"{w}position.parametrizations.weight.original0", f"{position}.parametrizations.weight.original0"),
+        Rule(f"{w}position.parametrizations.weight.original1", f"{position}.parametrizations.weight.original1"),
+        Rule(f"{w}mask", f"{b}masked_spec_embed"),
+    ]
+    if config.target.name == "cls":
+        rules += [Rule("target.projector.weight", "projector.weight"), Rule("target.projector.bias", "projector.bias"),
+                  Rule("target.classifier.weight", "classifier.weight"),
+                  Rule("target.classifier.bias", "classifier.bias")]
+    return rules
+
+
+def wav2vec2_saved_names(state: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Older checkpoints store the positional convolution's weight norm as ``weight_g`` / ``weight_v``
+    (torch's old weight_norm); a checkpoint saved without SpecAugment has no ``masked_spec_embed``
+    (zeros, which is what an unused mask vector holds)."""
+    renamed = {name.replace(".conv.weight_g", ".conv.parametrizations.weight.original0")
+               .replace(".conv.weight_v", ".conv.parametrizations.weight.original1"): tensor
+               for name, tensor in state.items()}
+    b = "wav2vec2." if config.target.name == "cls" else ""
+    if f"{b}masked_spec_embed" not in renamed:
+        import torch
+
+        renamed[f"{b}masked_spec_embed"] = torch.zeros(config.hidden_size)
+    return renamed
+
+
+WAV2VEC2 = Family(
+    model_type="wav2vec2",
+    architectures={"Wav2Vec2Model": "contrastive", "Wav2Vec2ForSequenceClassification": "cls"},
+    to_ours=_wav2vec2_to_ours,
+    to_hf=_wav2vec2_to_hf,
+    rules=_wav2vec2_rules,
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (BERT, XLMR, GPT2, T5, LLAMA, VIT, WAV2VEC2)}
 
 
 def family_of(config: ModelConfig) -> Family:
     """Which HF family an (imported) config of ours exports to."""
+    if config.modality == "audio":
+        return WAV2VEC2
     if config.modality == "image":
         return VIT
     if config.decoder is not None:

@@ -19,8 +19,9 @@ from tokenizers import Tokenizer
 
 from training.checkpoint import PREPROCESSOR_FILE, Checkpoint, HeadInfo
 from training.components import TARGETS
-from training.convert.families import FAMILIES, family_of, vit_saved_names
+from training.convert.families import FAMILIES, family_of, vit_saved_names, wav2vec2_saved_names
 from training.convert.rules import export_state, import_state
+from training.config import ModelConfig
 from training.model import Model
 
 
@@ -69,6 +70,14 @@ def _sentence_transformers_extras(hf_dir: Path) -> dict[str, Any]:
     return extras
 
 
+def input_length(config: ModelConfig) -> int:
+    """Positions the encoder sees for one input of a tensor model: patches + the class token, or the
+    frames of the longest clip the head takes (HeadInfo.max_length)."""
+    if config.modality == "image":
+        return config.embedding.num_patches + 1
+    return config.embedding.frames(config.embedding.sampling_rate)  # one second
+
+
 def unique_parameter_names(model: Model) -> set[str]:
     """Parameter names with each tied tensor counted once (under its first name)."""
     return {name for name, _ in model.named_parameters()}
@@ -91,6 +100,8 @@ def import_hf(hf_dir: Path, architecture: str | None = None) -> tuple[Checkpoint
     hf_state = read_safetensors(hf_dir)
     if model_type == "vit":
         hf_state = vit_saved_names(hf_state)
+    if model_type == "wav2vec2":
+        hf_state = wav2vec2_saved_names(hf_state, config)
     rules = family.rules(config)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     state = import_state(rules, hf_state, shapes)
@@ -116,8 +127,8 @@ def import_hf(hf_dir: Path, architecture: str | None = None) -> tuple[Checkpoint
     if config.modality != "text":
         preprocessor_file = hf_dir / PREPROCESSOR_FILE
         if not preprocessor_file.exists():
-            raise FileNotFoundError(f"{hf_dir} has no {PREPROCESSOR_FILE} (how images become pixel_values)")
-        head.max_length = config.embedding.num_patches + 1
+            raise FileNotFoundError(f"{hf_dir} has no {PREPROCESSOR_FILE} (how {config.modality} becomes tensors)")
+        head.max_length = input_length(config)
         return Checkpoint(model=model, head=head, tokenizer=None, path=hf_dir,
                           preprocessor=json.loads(preprocessor_file.read_text())), unused
     tokenizer_file = hf_dir / "tokenizer.json"
