@@ -60,6 +60,8 @@ class EmbeddingConfig(_Strict):
     num_conv_pos_embeddings: int = Field(128, ge=1, description="Waveform: the positional convolution's kernel.")
     num_conv_pos_embedding_groups: int = Field(16, ge=1)
     sampling_rate: int = Field(16000, ge=1, description="Waveform: samples per second the model was trained on.")
+    max_samples: int = Field(16000, ge=1, description="Waveform: the clip length; shorter clips are padded with "
+                                                      "silence to it, as in training.")
 
     @property
     def modality(self) -> str:

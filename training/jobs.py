@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from training.config import ModelConfig, TargetConfig, load_config
 from training.convert.e5 import e5_source, import_e5
 from training.convert.gguf import ARCHITECTURE as GGUF_ARCHITECTURE
 from training.convert.gguf import gguf_source, import_gguf
-from training.convert.hf import import_hf
+from training.convert.hf import import_hf, input_length
 from training.data.tasks import Collator, label_names, read_records, validate_records
 from training.model import Model, build_model
 from training.tokenization import configured
@@ -111,19 +112,46 @@ def describe(checkpoint: Checkpoint, title: str) -> Table:
     return table
 
 
+def default_preprocessor(config: ModelConfig) -> dict:
+    """The input preparation a tensor model trained from scratch gets: ViT's image processor at the model's
+    size, or wav2vec2's feature extractor at its sampling rate."""
+    if config.modality == "image":
+        from training.images import default_preprocessor as image_default
+
+        return image_default(config)
+    from training.audio import default_preprocessor as audio_default
+
+    return audio_default(config)
+
+
+def tensor_inputs(config: ModelConfig, preprocessor: dict) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Records of an image or audio model -> its input tensors, prepared by transformers' own processor
+    (``preprocessor``: the checkpoint's preprocessor_config.json)."""
+    emb = config.embedding
+    if config.modality == "image":
+        from training.images import image_processor, load_image, pixel_values
+
+        processor = image_processor(preprocessor)
+        return lambda records: {"pixel_values": pixel_values(
+            processor, [load_image(Path(r["image"]), emb.num_channels) for r in records])}
+    from training.audio import feature_extractor, input_values, load_audio
+
+    extractor = feature_extractor(preprocessor)
+    return lambda records: {"input_values": input_values(
+        extractor, [load_audio(Path(r["audio"]), emb.sampling_rate) for r in records], emb.max_samples)}
+
+
 def make_collator(
     tokenizer: Tokenizer | None, config: ModelConfig, task: str, labels: list[str] | None, max_length: int, seed: int,
     preprocessor: dict | None = None,
 ) -> Collator:
     """The batch builder for ``task``, with special tokens read from the model's own tokenizer (an image
     model's: with its image processor)."""
-    if config.modality == "image":
-        from training.images import image_processor
-
+    if config.modality != "text":
         if preprocessor is None:
-            raise ValueError("an image model needs its preprocessor config")
+            raise ValueError(f"an {config.modality} model needs its preprocessor config")
         return Collator(task=task, tokenizer=None, pad_id=config.pad_token_id, labels=labels, seed=seed,
-                        image_processor=image_processor(preprocessor), image_channels=config.embedding.num_channels)
+                        tensor_inputs=tensor_inputs(config, preprocessor))
     if tokenizer is None:
         raise ValueError("a text model needs its tokenizer")
     configured_tokenizer = configured(tokenizer, max_length, config.pad_token_id)
@@ -168,10 +196,8 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
         config = load_config(job.config)
         model = build_model(config)
         head_info = HeadInfo(task=TARGETS[config.target.name].task)
-        if config.modality == "image":
-            from training.images import default_preprocessor
-
-            head_info.max_length = config.embedding.num_patches + 1
+        if config.modality != "text":
+            head_info.max_length = input_length(config)
             base = Checkpoint(model=model, head=head_info, tokenizer=None, path=job.out_dir,
                               preprocessor=default_preprocessor(config))
         else:
@@ -202,7 +228,7 @@ def run_training(job: TrainJob, settings: TrainSettings) -> TrainResult:
                             num_labels=len(labels) if labels else None)
     model.train()
     max_length = min(settings.max_length, base.head.max_length)
-    if modality == "image":
+    if modality != "text":
         max_length = base.head.max_length
     collator = make_collator(base.tokenizer, model.config, task, labels, max_length, settings.seed,
                              base.preprocessor)

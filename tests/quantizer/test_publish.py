@@ -17,7 +17,8 @@ from training.checkpoint import HeadInfo
 def _checkpoint(task: str, labels: list[str] | None = None, normalize: bool = False) -> SimpleNamespace:
     """What publish reads of a checkpoint before any weights are touched."""
     return SimpleNamespace(head=HeadInfo(task=task, labels=labels, max_length=64), path=Path("ckpt"),
-                           config=SimpleNamespace(pad_token_id=0, target=SimpleNamespace(normalize=normalize)))
+                           config=SimpleNamespace(pad_token_id=0, modality="text",
+                                                  target=SimpleNamespace(normalize=normalize)))
 
 
 def _unwritten(repo: Path) -> bool:

@@ -72,10 +72,10 @@ def _sentence_transformers_extras(hf_dir: Path) -> dict[str, Any]:
 
 def input_length(config: ModelConfig) -> int:
     """Positions the encoder sees for one input of a tensor model: patches + the class token, or the
-    frames of the longest clip the head takes (HeadInfo.max_length)."""
+    frames of the clip length the model takes (HeadInfo.max_length)."""
     if config.modality == "image":
         return config.embedding.num_patches + 1
-    return config.embedding.frames(config.embedding.sampling_rate)  # one second
+    return config.embedding.frames(config.embedding.max_samples)
 
 
 def unique_parameter_names(model: Model) -> set[str]:

@@ -5,8 +5,8 @@ Record fields per task (the same names in JSONL keys and TSV header columns):
 =====================  ============================================================
 mlm, lm                ``text``  (lm also takes ``prompt`` + ``completion``)
 seq2seq                ``source``, ``target``
-classification         ``text`` [, ``text_pair``], ``label``; an image model: ``image`` (a file
-                       path, relative to the data file's folder), ``label``
+classification         ``text`` [, ``text_pair``], ``label``; an image (audio) model: ``image``
+                       (``audio``: a WAV file) path, relative to the data file's folder, ``label``
 pair_classification    ``text_a``, ``text_b``, ``label``
 matching               ``text_a``, ``text_b`` (a positive pair; other rows are negatives)
 =====================  ============================================================
@@ -20,7 +20,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -40,14 +39,15 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 
 def read_records(path: Path) -> list[dict]:
     """JSONL (one object a line) or TSV with a header row; the suffix decides. A record's ``image``
-    (a file path) is relative to the data file's folder, so a data set moves as one folder."""
+    or ``audio`` (a file path) is relative to the data file's folder, so a data set moves as one folder."""
     path = Path(path)
     return [_resolved(r, path.parent) for r in _read(path)]
 
 
 def _resolved(record: dict, root: Path) -> dict:
-    if isinstance(record.get("image"), str):
-        record["image"] = str(root / record["image"])
+    for key in ("image", "audio"):
+        if isinstance(record.get(key), str):
+            record[key] = str(root / record[key])
     return record
 
 
@@ -68,15 +68,20 @@ def _read(path: Path) -> list[dict]:
     raise ValueError(f"{path}: expected a .jsonl or .tsv file")
 
 
-IMAGE_FIELDS: dict[str, tuple[str, ...]] = {"classification": ("image", "label")}
+TENSOR_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "image": {"classification": ("image", "label")},
+    "audio": {"classification": ("audio", "label")},
+}
+"""The fields of each task a tensor model trains on, by modality."""
 
 
 def validate_records(records: list[dict], task: str, source: str = "data", modality: str = "text") -> None:
     if not records:
         raise ValueError(f"{source}: no records")
-    if modality == "image" and task not in IMAGE_FIELDS:
-        raise ValueError(f"{source}: task {task!r} takes text; image models train on {sorted(IMAGE_FIELDS)}")
-    required = IMAGE_FIELDS[task] if modality == "image" else REQUIRED_FIELDS[task]
+    tasks = TENSOR_FIELDS.get(modality, REQUIRED_FIELDS)
+    if task not in tasks:
+        raise ValueError(f"{source}: task {task!r} takes text; {modality} models train on {sorted(tasks)}")
+    required = tasks[task]
     if task == "lm" and "prompt" in records[0]:
         required = ("prompt", "completion")
     for number, record in enumerate(records, 1):
@@ -105,9 +110,8 @@ class Collator:
     decoder_start_id: int = 0
     mlm_probability: float = 0.15
     seed: int = 0
-    image_processor: Any = None
-    """An image model's transformers image processor (training.images); None for text."""
-    image_channels: int = 3
+    tensor_inputs: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None
+    """An image or audio model's records -> its input tensors (training.jobs.tensor_inputs); None for text."""
 
     def __call__(self, records: list[dict], indices: list[int], epoch: int) -> dict:
         return COLLATE[self.task](self, records, indices, epoch)
@@ -122,11 +126,8 @@ class Collator:
 
 
 def _classification(c: Collator, records: list[dict], indices: list[int], epoch: int) -> dict:
-    if c.image_processor is not None:
-        from training.images import load_image, pixel_values
-
-        images = [load_image(Path(r["image"]), c.image_channels) for r in records]
-        return {"pixel_values": pixel_values(c.image_processor, images), "labels": c.label_tensor(records)}
+    if c.tensor_inputs is not None:
+        return {**c.tensor_inputs(records), "labels": c.label_tensor(records)}
     pairs = [r["text_pair"] for r in records] if "text_pair" in records[0] else None
     batch = encode(c.tokenizer, [r["text"] for r in records], pairs)
     batch["labels"] = c.label_tensor(records)
