@@ -1,12 +1,11 @@
 """SAMP's data: disjoint calibration, dev (plan choice) and test (never seen by the search) parts,
-tokenized (an image model's: processed into pixel values) once into the feeds every candidate is run on."""
+tokenized (an image or audio model's: prepared by its own processor) once into the feeds every candidate is run on."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -49,8 +48,8 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
     if third < 8:
         raise ValueError(f"SAMP needs at least 24 records to split into calibration/dev/test, got {len(rows)}")
     calib_rows, dev_rows, test_rows = rows[:third], rows[third : 2 * third], rows[2 * third : 3 * third]
-    if checkpoint.config.modality == "image":
-        return _image_data(checkpoint, calib_rows, dev_rows, test_rows, settings, batch)
+    if checkpoint.config.modality != "text":
+        return _tensor_data(checkpoint, calib_rows, dev_rows, test_rows, settings, batch)
 
     prefix = head.text_prefix  # e5-style models expect "query: " before every text
 
@@ -97,45 +96,40 @@ def build_data(checkpoint: Checkpoint, records: list[dict], input_names: tuple[s
                     calibration=calibration, latency=latency, alone=alone, together=together)
 
 
-def _image_data(checkpoint: Checkpoint, calib_rows: list[dict], dev_rows: list[dict], test_rows: list[dict],
-                settings: SampSettings, batch: int) -> SampData:
-    """The image model's parts: records' ``image`` files through the checkpoint's own image processor."""
-    from training.images import image_processor, load_image, pixel_values
+def _tensor_data(checkpoint: Checkpoint, calib_rows: list[dict], dev_rows: list[dict], test_rows: list[dict],
+                 settings: SampSettings, batch: int) -> SampData:
+    """An image or audio model's parts: the records' files through the checkpoint's own processor."""
+    from training.jobs import tensor_inputs
+    from training.model import MODEL_INPUTS
 
     head = checkpoint.head
     if head.task != "classification" or not head.labels:
-        raise ValueError(f"SAMP measures image models on labelled images (classification), not {head.task!r}")
+        raise ValueError(f"SAMP measures tensor models on labelled inputs (classification), not {head.task!r}")
     if checkpoint.preprocessor is None:
-        raise ValueError("an image checkpoint needs its preprocessor config")
-    processor = image_processor(checkpoint.preprocessor)
-    channels = checkpoint.config.embedding.num_channels
+        raise ValueError(f"an {checkpoint.config.modality} checkpoint needs its preprocessor config")
+    name = MODEL_INPUTS[checkpoint.config.modality]
+    prepare = tensor_inputs(checkpoint.config, checkpoint.preprocessor)
 
-    def pixels(part: list[dict]) -> np.ndarray:
-        missing = [r for r in part if "image" not in r]
-        if missing:
-            raise ValueError(f"image records need an 'image' file: {missing[0]}")
-        return pixel_values(processor, [load_image(Path(r["image"]), channels) for r in part]).numpy()
+    def values(part: list[dict]) -> np.ndarray:
+        return np.concatenate([prepare(part[i:i + batch])[name].numpy() for i in range(0, len(part), batch)])
 
-    def task_eval(part: list[dict], name: str) -> TaskEval:
+    def task_eval(part: list[dict], split: str) -> TaskEval:
         labels = np.array([head.labels.index(str(r["label"])) for r in part])  # type: ignore[union-attr]
-        values = pixels(part)
-        return TaskEval(name=name, feeds=[{"pixel_values": values[i:i + batch]} for i in range(0, len(values), batch)],
+        rows = values(part)
+        return TaskEval(name=split, feeds=[{name: rows[i:i + batch]} for i in range(0, len(rows), batch)],
                         labels=labels)
 
-    calibration_images = pixels(calib_rows)
-    per_batch = max(1, len(calibration_images) // settings.calibration_batches)
-    calibration = [{"pixel_values": np.resize(calibration_images[i * per_batch:(i + 1) * per_batch] if
-                                              (i + 1) * per_batch <= len(calibration_images) else calibration_images,
-                                              (per_batch, *calibration_images.shape[1:]))}
+    calibration_rows = values(calib_rows)
+    per_batch = max(1, len(calibration_rows) // settings.calibration_batches)
+    calibration = [{name: np.resize(calibration_rows[i * per_batch:(i + 1) * per_batch] if
+                                    (i + 1) * per_batch <= len(calibration_rows) else calibration_rows,
+                                    (per_batch, *calibration_rows.shape[1:]))}
                    for i in range(settings.calibration_batches)]
-    mixed = pixels(dev_rows[:INVARIANCE_TEXTS])
+    mixed = values(dev_rows[:INVARIANCE_TEXTS])
 
     def latency(batch_size: int, length: int) -> Feed:
-        return {"pixel_values": np.resize(calibration_images, (batch_size, *calibration_images.shape[1:]))}
+        return {name: np.resize(calibration_rows, (batch_size, *calibration_rows.shape[1:]))}
 
     return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"), calibration=calibration,
-                    latency=latency, alone=[{"pixel_values": mixed[i:i + 1]} for i in range(len(mixed))],
-                    together=[{"pixel_values": mixed[i:i + INVARIANCE_BATCH]}
-                              for i in range(0, len(mixed), INVARIANCE_BATCH)])
-
-
+                    latency=latency, alone=[{name: mixed[i:i + 1]} for i in range(len(mixed))],
+                    together=[{name: mixed[i:i + INVARIANCE_BATCH]} for i in range(0, len(mixed), INVARIANCE_BATCH)])

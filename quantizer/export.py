@@ -2,7 +2,8 @@
 
 Inputs are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has a segment
 embedding), all int64 (batch, sequence); an image model takes ``pixel_values``, float32 (batch,
-channels, height, width), with only the batch axis dynamic. The output is ``logits`` for classification/LM heads and
+channels, height, width), an audio model ``input_values``, float32 (batch, samples): only the batch
+axis is dynamic. The output is ``logits`` for classification/LM heads and
 ``embeddings`` for matching heads. The attention mask is filled with a finite -1e4 inside the model
 (finfo.min made onnxruntime's Softmax ~8x slower on a 2-core Xeon: docs/design.md, "Quantization").
 """
@@ -18,6 +19,10 @@ import onnx
 import torch
 
 from training.checkpoint import Checkpoint
+from training.model import MODEL_INPUTS
+
+TENSOR_INPUTS = {"pixel_values", "input_values"}
+"""Inputs of fixed size but for the batch (the server pads audio to the clip length)."""
 
 OPSET = 17
 EMBEDDING_TARGETS = {"contrastive", "pair_cls"}
@@ -32,8 +37,8 @@ class ExportInfo:
 
 
 def input_names_for(checkpoint: Checkpoint) -> tuple[str, ...]:
-    if checkpoint.config.modality == "image":
-        return ("pixel_values",)
+    if checkpoint.config.modality != "text":
+        return (MODEL_INPUTS[checkpoint.config.modality],)
     names = ("input_ids", "attention_mask")
     return (*names, "token_type_ids") if "seg" in checkpoint.config.embedding.parts else names
 
@@ -50,6 +55,9 @@ def sample_inputs(checkpoint: Checkpoint, batch: int = 3, length: int = 16, seed
         emb = checkpoint.config.embedding
         shape = (batch, emb.num_channels, emb.image_size, emb.image_size)
         return {"pixel_values": rng.uniform(-1, 1, size=shape).astype(np.float32)}
+    if checkpoint.config.modality == "audio":  # normalized clips: zero mean, unit variance
+        samples = checkpoint.config.embedding.max_samples
+        return {"input_values": rng.standard_normal(size=(batch, samples)).astype(np.float32)}
     vocab = checkpoint.config.vocab_size
     ids = rng.integers(5, min(vocab, 30000), size=(batch, length), dtype=np.int64)
     mask = np.ones((batch, length), dtype=np.int64)
@@ -75,7 +83,7 @@ def export_onnx(checkpoint: Checkpoint, path: Path) -> ExportInfo:
     output = output_name_for(checkpoint)
     example = sample_inputs(checkpoint)
     kwargs = {name: torch.from_numpy(example[name]) for name in names}
-    axes = {name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"} for name in names}
+    axes = {name: {0: "batch"} if name in TENSOR_INPUTS else {0: "batch", 1: "sequence"} for name in names}
     axes[output] = {0: "batch", 1: "sequence"} if checkpoint.config.target.name in ("mlm", "lm") else {0: "batch"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

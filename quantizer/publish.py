@@ -24,6 +24,7 @@ from service.repository import (
     ONNX_FILE,
     TOKENIZER_FILE,
     GenerationMeta,
+    AudioSpec,
     HeadMeta,
     ImageSpec,
     OrtFusion,
@@ -109,6 +110,20 @@ def image_spec(checkpoint: Checkpoint) -> ImageSpec | None:
     )
 
 
+def audio_spec(checkpoint: Checkpoint) -> AudioSpec | None:
+    """The sound an audio model's version takes, from its feature extractor's settings and clip length."""
+    if checkpoint.config.modality != "audio":
+        return None
+    emb, extractor = checkpoint.config.embedding, checkpoint.preprocessor or {}
+    rate = extractor.get("sampling_rate", emb.sampling_rate)
+    if rate != emb.sampling_rate:
+        raise NotServable(f"the feature extractor takes {rate} Hz, but the model was built for {emb.sampling_rate} Hz")
+    if extractor.get("return_attention_mask") or extractor.get("padding_value", 0.0) != 0.0:
+        raise NotServable("the server pads clips with silence and passes no attention mask (wav2vec2-base's way)")
+    return AudioSpec(sampling_rate=rate, max_samples=emb.max_samples,
+                     normalize=bool(extractor.get("do_normalize", True)))
+
+
 def input_files(checkpoint: Checkpoint) -> dict[str, bytes]:
     """What a version needs beside the graph to prepare inputs: a text model's tokenizer (an image model's
     preparation is in head.json's ``image``)."""
@@ -127,6 +142,7 @@ def served_head(checkpoint: Checkpoint, info: ExportInfo,
         input_names=list(info.input_names),  # export_onnx names only the inputs HeadMeta knows
         max_length=checkpoint.head.max_length,
         image=image_spec(checkpoint),
+        audio=audio_spec(checkpoint),
         pad_token_id=checkpoint.config.pad_token_id,
         labels=checkpoint.head.labels,
         normalized=bool(checkpoint.config.target.normalize),

@@ -39,8 +39,7 @@ from service.errors import (
     shorten,
 )
 from service.generation import Delta, SamplingParams
-from service.heads import ClassificationHead, Encoded, Image, ImageClassificationHead, MatchingHead, TextEncoder
-from service.heads.image import IMAGE_INPUTS
+from service.heads import ClassificationHead, Encoded, MatchingHead, TensorHead, TensorItem, TextEncoder
 from service.instances import RuntimeHung
 from service.metrics import Metrics
 from service.models import GenerationVersion, IndexEntry, LoadedVersion, ModelManager
@@ -74,7 +73,7 @@ class Result:
     version: int
     values: np.ndarray
     tokens: int
-    head: MatchingHead | ClassificationHead | ImageClassificationHead
+    head: MatchingHead | ClassificationHead | TensorHead
     """The head of the version that ran (versions can swap meanwhile)."""
 
     @property
@@ -209,8 +208,10 @@ class DataPlane:
                             "max_model_len": limits.max_model_len, "max_num_seqs": limits.max_num_seqs,
                             "max_waiting": limits.max_waiting, "chat_template": loaded.head.has_chat_template,
                             "failed_versions": failed, **loaded.tuning.parameters()})
-        if isinstance(loaded.head, ImageClassificationHead):  # one of these two tensors, not both
-            inputs = [TensorMetadata(n, IMAGE_INPUTS[n], shape) for n, shape in loaded.head.shapes().items()]
+        extra: dict[str, Any] = {}
+        if isinstance(loaded.head, TensorHead):  # one of these tensors, not several
+            inputs = [TensorMetadata(n, loaded.head.inputs[n], shape) for n, shape in loaded.head.shapes().items()]
+            extra = loaded.head.parameters()
         else:
             inputs = [TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES]
         return ModelMetadata(
@@ -219,7 +220,7 @@ class DataPlane:
             outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
-                        "failed_versions": failed, **loaded.tuning.parameters()})
+                        "failed_versions": failed, **extra, **loaded.tuning.parameters()})
 
     # -- the model repository extension (index, load, unload) ----------------------------------
 
@@ -309,9 +310,9 @@ class DataPlane:
                 pairs = self._check_texts(pairs, f"{field} pairs", truncate)
 
         async def items_for(loaded: LoadedVersion) -> list[Encoded]:
-            if isinstance(loaded.head, ImageClassificationHead):
-                raise InvalidInput(f"model {model!r} takes images, not texts: send v2 infer with an 'image' "
-                                   "(UINT8) or 'pixel_values' (FP32) tensor")
+            if isinstance(loaded.head, TensorHead):
+                raise InvalidInput(f"model {model!r} takes tensors, not texts: send v2 infer with "
+                                   f"{loaded.head.usage()}")
             if token_ids is not None:
                 return loaded.head.from_ids(token_ids, truncate, field)
             return await self._encode(loaded, texts, pairs, truncate, field)
@@ -319,7 +320,7 @@ class DataPlane:
         return await self._run(model, version, loaded, items_for, field)
 
     async def _run(self, model: str, version: str | int | None, loaded: LoadedVersion,
-                   items_for: Callable[[LoadedVersion], Awaitable[list[Encoded]] | Awaitable[list[Image]]],
+                   items_for: Callable[[LoadedVersion], Awaitable[list[Encoded]] | Awaitable[list[TensorItem]]],
                    field: str) -> Result:
         """Queue one request's items (made for the version that runs them) and map the batcher's and
         the runtime's failures to the protocol's errors."""
@@ -356,13 +357,13 @@ class DataPlane:
         async def work() -> tuple[Result, None]:
             loaded = self.models.get(model, version)
             head = loaded.head
-            if isinstance(head, ImageClassificationHead):
-                images = head.images(inputs, loaded.max_texts)
+            if isinstance(head, TensorHead):
+                items = head.items(inputs, loaded.max_texts)
 
-                async def items_for(serving: LoadedVersion) -> list[Image]:
-                    if not isinstance(serving.head, ImageClassificationHead) or serving.head.spec != head.spec:
+                async def items_for(serving: LoadedVersion) -> list[TensorItem]:
+                    if type(serving.head) is not type(head) or serving.head.spec != head.spec:
                         raise InvalidInput(f"model {model!r}: its new version takes other inputs; send again")
-                    return images
+                    return items
 
                 return await self._run(model, version, loaded, items_for, "inputs"), None
             texts, pairs = self._text_tensors(inputs, loaded)
@@ -423,8 +424,8 @@ class DataPlane:
         "query: "), and the most tokens it takes: the ids /v1/embeddings accepts as input."""
         loaded = self.models.served(model, None)
         head = loaded.head
-        if isinstance(head, ImageClassificationHead):
-            raise InvalidInput(f"model {model!r} takes images: it has no tokenizer")
+        if isinstance(head, TensorHead):
+            raise InvalidInput(f"model {model!r} takes tensors: it has no tokenizer")
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(f"prompt is {len(text)} characters; at most {self.settings.max_text_chars} "
                                "(SAMPSERVE_MAX_TEXT_CHARS)")
@@ -443,8 +444,8 @@ class DataPlane:
     def detokenize(self, model: str, tokens: list[int]) -> str:
         """The text of the model's token ids (special tokens kept, so a /tokenize round trip shows them)."""
         head = self.models.served(model, None).head
-        if isinstance(head, ImageClassificationHead):
-            raise InvalidInput(f"model {model!r} takes images: it has no tokenizer")
+        if isinstance(head, TensorHead):
+            raise InvalidInput(f"model {model!r} takes tensors: it has no tokenizer")
         vocab = head.tokenizer.get_vocab_size(with_added_tokens=True)
         if len(tokens) > MAX_DETOKENIZE:
             raise InvalidInput(f"tokens: {len(tokens)} ids; at most {MAX_DETOKENIZE}")

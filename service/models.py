@@ -26,7 +26,7 @@ from service.errors import Forbidden, InvalidInput, LoadFailed, ModelNotFound, N
 from service.generation.engine import GenerationEngine, warm_up
 from service.generation.graph import DecoderGraph
 from service.generation.scheduler import EngineLimits
-from service.heads import HEADS, Encoded, EncoderHead, GenerationHead, Image, make_head
+from service.heads import HEADS, Encoded, EncoderHead, GenerationHead, TensorItem, make_head
 from service.instances import InstancePool, call_in_thread
 from service.metrics import Metrics
 from service.provenance import HostInfo, host_info, mismatch
@@ -92,14 +92,14 @@ class LoadedVersion:
     config: RepoModelConfig
     head: EncoderHead
     pool: InstancePool
-    batcher: Batcher[Encoded | Image, np.ndarray]
+    batcher: Batcher[Encoded | TensorItem, np.ndarray]
     max_texts: int
     """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
     width: int
     """Length of one output row (embedding size or number of classes), measured by the warm-up pass."""
     tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
-    async def run(self, items: list[Encoded] | list[Image], timeout_s: float | None) -> np.ndarray:
+    async def run(self, items: list[Encoded] | list[TensorItem], timeout_s: float | None) -> np.ndarray:
         """The request admitted whole; each input batched on its own (grouped by length); rows in order."""
         timings: list[tuple[float, float, float]] | None = [] if tracing.enabled() else None
         rows = await self.batcher.submit_many([(item, item.length) for item in items], timeout_s, timings)
@@ -379,14 +379,14 @@ class ModelManager:
                              max_queue_size=config.batching.max_queue_size)
         compute = self.metrics.compute_time.labels(name, str(version))
 
-        async def run_batch(items: list[Encoded | Image]) -> list[np.ndarray]:
+        async def run_batch(items: list[Encoded | TensorItem]) -> list[np.ndarray]:
             start = time.perf_counter()
             out = await pool.run(head.collate(items), warm_up)  # type: ignore[arg-type]  # its own head's items
             compute.observe(time.perf_counter() - start)
             return list(out)
 
-        batcher: Batcher[Encoded | Image, np.ndarray] = Batcher(run_batch, policy, self.metrics.observer(name, version),
-                                                       concurrency=count)
+        batcher: Batcher[Encoded | TensorItem, np.ndarray] = Batcher(
+            run_batch, policy, self.metrics.observer(name, version), concurrency=count)
         max_texts = max(1, min(self.settings.max_texts_per_request, policy.max_queue_size // 2))
         return LoadedVersion(name, version, config, head, pool, batcher, max_texts, width)
 

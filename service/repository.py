@@ -282,6 +282,16 @@ class ImageSpec(_Strict):
         return self
 
 
+class AudioSpec(_Strict):
+    """How an audio model's version takes sound: the rate, the clip length its graph takes, and whether
+    clips are normalized to zero mean and unit variance (transformers' wav2vec2 feature extractor)."""
+
+    sampling_rate: int = Field(ge=1000, le=192000)
+    max_samples: int = Field(ge=1, le=10_000_000)
+    """Every clip is padded with silence to this many samples (the graph's input length)."""
+    normalize: bool = True
+
+
 class HeadMeta(BaseModel):
     """``<model>/<N>/head.json``: what the server needs, beside the graph and the tokenizer, to turn
     texts (or images) into a version's inputs and its outputs into answers.
@@ -295,14 +305,16 @@ class HeadMeta(BaseModel):
     model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     input_names: list[Literal["input_ids", "attention_mask", "token_type_ids", "position_ids",
-                              "pixel_values"]] = Field(min_length=1)
+                              "pixel_values", "input_values"]] = Field(min_length=1)
     """The graph's inputs, in order: token inputs, all int64 (batch, sequence); or an image model's
-    ``pixel_values``, float32 (batch, channels, height, width). A generation graph also takes its cache
-    (GenerationMeta)."""
+    ``pixel_values``, float32 (batch, channels, height, width); an audio model's ``input_values``, float32
+    (batch, samples). A generation graph also takes its cache (GenerationMeta)."""
     max_length: int = Field(ge=1)
     """Longest input in tokens (special tokens included) the model takes; an image model's patches + 1."""
     image: ImageSpec | None = None
     """An image model: the pixels it takes (it has no tokenizer)."""
+    audio: AudioSpec | None = None
+    """An audio model: the sound it takes (it has no tokenizer)."""
     pad_token_id: int = Field(0, ge=0)
     """Token id that pads a batch's shorter rows."""
     labels: list[str] | None = None

@@ -131,7 +131,7 @@ BAD_JSON = [
     ({"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [300] * 3072}, "integers 0..255"),
     ({"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 3071}, "holds 3072 elements"),
     ({"name": "image", "datatype": "UINT8", "shape": [0, 32, 32, 3], "data": []}, "N >= 1"),
-    ({"name": "image", "datatype": "UINT8", "shape": [100000, 32, 32, 3], "data": [0]}, "images; at most"),
+    ({"name": "image", "datatype": "UINT8", "shape": [100000, 32, 32, 3], "data": [0]}, "inputs; at most"),
     ({"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["a"] * 3072}, "must be numbers"),
     ({"name": "text", "datatype": "BYTES", "shape": [1], "data": ["seven"]}, "'image' (UINT8"),
 ]
@@ -159,7 +159,7 @@ def test_bad_binary_image_tensors_get_a_400(image_server: Server):
                       {"name": "pixel_values", "datatype": "FP32", "shape": [3, 32, 32], "data": [0.0] * 3072}]}
     assert image_server.http.post("/v2/models/digits/infer", json=two).status_code == 400
     texts = image_server.http.post("/v1/classify", json={"model": "digits", "texts": ["seven"]})
-    assert texts.status_code == 400 and "takes images" in texts.json()["error"]["message"]
+    assert texts.status_code == 400 and "takes tensors" in texts.json()["error"]["message"]
     assert image_server.http.get("/v2/health/ready").status_code == 200
 
 
