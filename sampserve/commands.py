@@ -335,6 +335,18 @@ def digits(
         console.print(f"{name}: {count} records -> {out / f'{name}.jsonl'}")
 
 
+@data_app.command("spoken")
+def spoken(
+    out: Annotated[Path, typer.Argument(help="Folder for audio/ and train/dev/test .jsonl files.")],
+    seed: int = 0,
+) -> None:
+    """Spoken digits and command words synthesized by espeak-ng, split so test voices are never trained on."""
+    from training.data.spoken import write_spoken
+
+    for name, count in write_spoken(out, seed=seed).items():
+        console.print(f"{name}: {count} records -> {out / f'{name}.jsonl'}")
+
+
 @data_app.command("gettext-parallel", context_settings={"allow_extra_args": True})
 def gettext_parallel(
     ctx: typer.Context,
