@@ -105,7 +105,7 @@ def parity(
 ) -> None:
     """Compare our model's outputs with the reference implementation; ends with max_abs_diff=VALUE."""
     from training.jobs import bundled_minilm_dir, is_hf_dir, load_any
-    from training.parity import PARITY_SENTENCES, sentence_transformers_diff, transformers_diff
+    from training.parity import PARITY_SENTENCES, sentence_transformers_diff, tensor_batch, transformers_diff
     from training.tokenization import configured, encode
 
     ours = load_any(checkpoint)
@@ -115,8 +115,11 @@ def parity(
     if (ref / "modules.json").exists():
         diff = sentence_transformers_diff(ours, ref, PARITY_SENTENCES)
         console.print(f"reference: sentence-transformers at {ref}, {len(PARITY_SENTENCES)} sentences")
+    elif ours.config.modality != "text":
+        diff = transformers_diff(ours, ref, tensor_batch(ours))
+        console.print(f"reference: transformers at {ref}, 4 random {ours.config.modality} inputs")
     else:
-        tokenizer = configured(ours.tokenizer, ours.head.max_length, ours.config.pad_token_id)
+        tokenizer = configured(ours.text_tokenizer, ours.head.max_length, ours.config.pad_token_id)
         batch = encode(tokenizer, PARITY_SENTENCES)
         if ours.config.is_encoder_decoder:
             batch["decoder_input_ids"] = batch["input_ids"][:, :8]

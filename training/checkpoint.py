@@ -89,7 +89,7 @@ def save_checkpoint(out_dir: Path, model: Model, head: HeadInfo, tokenizer: Toke
     if model.config.modality == "text" and tokenizer is None:
         raise ValueError("a text model's checkpoint needs its tokenizer")
     if model.config.modality != "text" and preprocessor is None:
-        raise ValueError(f"a {model.config.modality} model's checkpoint needs its preprocessor config")
+        raise ValueError(f"an {model.config.modality} model's checkpoint needs its preprocessor config")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))

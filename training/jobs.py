@@ -82,7 +82,7 @@ def import_checkpoint(source: Path | str, out_dir: Path, architecture: str | Non
     """Import (see import_source) and write our checkpoint directory; returns it loaded back."""
     checkpoint, unused = import_source(source, architecture)
     checkpoint.head.source_dir = str(checkpoint.path.resolve())
-    save_checkpoint(out_dir, checkpoint.model, checkpoint.head, checkpoint.tokenizer)
+    save_checkpoint(out_dir, checkpoint.model, checkpoint.head, checkpoint.tokenizer, checkpoint.preprocessor)
     if unused:
         console.print(f"[yellow]not used by our {checkpoint.config.target.name!r} head:[/] {', '.join(unused)}")
     return load_checkpoint(out_dir)

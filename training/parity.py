@@ -63,6 +63,19 @@ def sentence_transformers_diff(checkpoint: Checkpoint, hf_dir: Path, sentences: 
     return float((ours - expected.to(ours.dtype)).abs().max())
 
 
+def tensor_batch(checkpoint: Checkpoint, rows: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of an image or audio model, in its processor's range (pixels in [-1, 1], audio
+    normalized): what parity compares when there are no sentences to tokenize."""
+    from training.model import MODEL_INPUTS
+
+    generator = torch.Generator().manual_seed(seed)
+    emb = checkpoint.config.embedding
+    if checkpoint.config.modality == "image":
+        shape = (rows, emb.num_channels, emb.image_size, emb.image_size)
+        return {MODEL_INPUTS["image"]: torch.rand(shape, generator=generator) * 2 - 1}
+    return {MODEL_INPUTS["audio"]: torch.randn(rows, emb.max_samples, generator=generator)}
+
+
 def transformers_diff(checkpoint: Checkpoint, hf_dir: Path, batch: dict[str, torch.Tensor]) -> float:
     """Max abs difference between our served output and transformers' own class on ``batch``.
 
@@ -74,12 +87,15 @@ def transformers_diff(checkpoint: Checkpoint, hf_dir: Path, batch: dict[str, tor
     arch = hf_config.architectures[0]
     reference = getattr(transformers, arch).from_pretrained(str(hf_dir)).eval()
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
-                                                       "decoder_input_ids", "decoder_attention_mask")}
+                                                       "decoder_input_ids", "decoder_attention_mask",
+                                                       "pixel_values", "input_values")}
     with torch.no_grad():
         ours = checkpoint.model(**kwargs)
         out = reference(**kwargs)
     if hasattr(out, "logits"):
         expected = out.logits
     else:
-        expected = checkpoint.model.target(out.last_hidden_state, batch["attention_mask"])
+        hidden = out.last_hidden_state
+        mask = batch.get("attention_mask", torch.ones(hidden.shape[:2], dtype=torch.long))
+        expected = checkpoint.model.target(hidden, mask)
     return float((ours - expected).abs().max())

@@ -109,3 +109,13 @@ def test_named_wav2vec2_base_has_the_size_of_facebook_wav2vec2_base():
     reference = transformers.Wav2Vec2ForSequenceClassification(hf_config)
     assert ours.num_parameters() == sum(p.numel() for p in reference.parameters())
     assert config.modality == "audio" and config.embedding.frames(16000) == 49
+
+
+def test_parity_of_an_imported_wav2vec2_on_random_audio(tmp_path):
+    from training.parity import tensor_batch, transformers_diff
+
+    _save("Wav2Vec2Model", tmp_path)
+    checkpoint, _ = import_hf(tmp_path)
+    batch = tensor_batch(checkpoint, rows=2)
+    assert batch["input_values"].shape == (2, checkpoint.config.embedding.max_samples)
+    assert transformers_diff(checkpoint, tmp_path, batch) < 1e-5

@@ -98,3 +98,18 @@ def test_a_text_target_on_an_image_model_fails_at_load():
     config["target"] = {"name": "mlm"}
     with pytest.raises(ValueError, match="predicts tokens"):
         type(load_config("vit-digits")).model_validate(config)
+
+
+def test_the_parity_command_compares_an_imported_vit(tmp_path):
+    """``sampserve import-hf`` then ``sampserve parity``: random images through both, one number out."""
+    import subprocess
+    import sys
+
+    _save_vit("ViTForImageClassification", tmp_path / "hf")
+    for args in (("import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")),
+                 ("parity", "--checkpoint", str(tmp_path / "ours"), "--reference", str(tmp_path / "hf"))):
+        done = subprocess.run([sys.executable, "-m", "sampserve.cli", *args], capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    diff = float(done.stdout.strip().splitlines()[-1].split("=")[1])
+    assert diff < 1e-5 and "random image" in done.stdout  # rich wraps the line
