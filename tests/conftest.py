@@ -91,20 +91,20 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-DIGITS_STEPS = 1200
+def train_from_scratch(out: Path, config: str, data: Path, steps: int, lr: float = 1e-3) -> Path:
+    """A named config trained from scratch on ``data``'s train/dev records (batch 32); its checkpoint folder."""
+    from training.jobs import TrainJob, run_training
+    from training.trainer import TrainSettings
+
+    run_training(TrainJob(data=data / "train.jsonl", dev=data / "dev.jsonl", out_dir=out, config=config),
+                 TrainSettings(batch_size=32, max_steps=steps, lr=lr, progress=False))
+    return out
 
 
 @pytest.fixture(scope="session")
 def digits_vit(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> Path:
     """vit-digits trained from scratch for 1,200 steps (~20 s on 2 cores; 0.978 held-out accuracy measured)."""
-    from training.jobs import TrainJob, run_training
-    from training.trainer import TrainSettings
-
-    out = tmp_path_factory.mktemp("vitdigits") / "ckpt"
-    run_training(TrainJob(data=digits_data / "train.jsonl", dev=digits_data / "dev.jsonl", out_dir=out,
-                          config="vit-digits"),
-                 TrainSettings(batch_size=32, max_steps=DIGITS_STEPS, lr=1e-3, progress=False))
-    return out
+    return train_from_scratch(tmp_path_factory.mktemp("vitdigits") / "ckpt", "vit-digits", digits_data, 1200)
 
 
 @pytest.fixture(scope="session")
@@ -119,20 +119,10 @@ def spoken_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-WORDS_STEPS = 600
-
-
 @pytest.fixture(scope="session")
 def words_w2v(tmp_path_factory: pytest.TempPathFactory, spoken_data: Path) -> Path:
     """wav2vec2-words trained from scratch for 600 steps (~70 s on 2 cores; 0.645 on unheard voices measured)."""
-    from training.jobs import TrainJob, run_training
-    from training.trainer import TrainSettings
-
-    out = tmp_path_factory.mktemp("w2vwords") / "ckpt"
-    run_training(TrainJob(data=spoken_data / "train.jsonl", dev=spoken_data / "dev.jsonl", out_dir=out,
-                          config="wav2vec2-words"),
-                 TrainSettings(batch_size=32, max_steps=WORDS_STEPS, lr=1e-3, progress=False))
-    return out
+    return train_from_scratch(tmp_path_factory.mktemp("w2vwords") / "ckpt", "wav2vec2-words", spoken_data, 600)
 
 
 QUICK_TIMING = {"rounds": 2, "max_rounds": 2, "per_round": 1, "retries": 0, "warmup_ms": 20, "min_sample_ms": 10}
@@ -143,21 +133,28 @@ FAST = {"latency_batches": (1,), "timing": QUICK_TIMING, "sequence_length": 32,
         "calibration_batches": 2, "threads": 1, "max_candidates": 2, "mode": "blockwise"}
 
 
-@pytest.fixture(scope="session")
-def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
-    """A repository with a matching and a classification model, each published through SAMP."""
+def samp_publish(checkpoint: Path, records: Path, root: Path, name: str, workdir: Path, **settings: object) -> Path:
+    """``checkpoint`` through SAMP (FAST settings, overridden by ``settings``) on ``records``, published as
+    ``root/name``; returns ``root``."""
     from quantizer.publish import publish_result
     from quantizer.samp import Samp
     from quantizer.schemas import SampSettings
     from training.checkpoint import load_checkpoint
     from training.data.tasks import read_records
 
+    samp = Samp(load_checkpoint(checkpoint), read_records(records), SampSettings(**{**FAST, **settings}),
+                workdir=workdir)
+    publish_result(samp, samp.run(), root, name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory, tiny_embedder, tiny_classifier, topics_data) -> Path:
+    """A repository with a matching and a classification model, each published through SAMP."""
     root = tmp_path_factory.mktemp("repo")
-    records = read_records(topics_data / "dev.jsonl")
     for name, checkpoint in (("emb", tiny_embedder), ("topics", tiny_classifier)):
-        samp = Samp(load_checkpoint(checkpoint), records, SampSettings(max_drop=0.05, **FAST),
-                    workdir=tmp_path_factory.mktemp(f"samp-{name}"))
-        publish_result(samp, samp.run(), root, name)
+        samp_publish(checkpoint, topics_data / "dev.jsonl", root, name, tmp_path_factory.mktemp(f"samp-{name}"),
+                     max_drop=0.05)
     return root
 
 

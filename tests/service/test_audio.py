@@ -16,7 +16,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import FAST
+from tests.conftest import samp_publish
 from tests.servers import Server, start_server
 
 HELD_OUT = 32
@@ -25,18 +25,9 @@ HELD_OUT = 32
 @pytest.fixture(scope="module")
 def audio_repo(tmp_path_factory: pytest.TempPathFactory, words_w2v: Path, spoken_data: Path) -> Path:
     """The words model through SAMP (unheard voices only: the test split) with a 1-point budget."""
-    from quantizer.publish import publish_result
-    from quantizer.samp import Samp
-    from quantizer.schemas import SampSettings
-    from training.checkpoint import load_checkpoint
-    from training.data.tasks import read_records
-
-    root = tmp_path_factory.mktemp("audiorepo")
-    settings = SampSettings(max_drop=0.01, **{**FAST, "mode": "static", "latency_batches": (32,), "max_examples": 120})
-    samp = Samp(load_checkpoint(words_w2v), read_records(spoken_data / "test.jsonl"), settings,
-                workdir=tmp_path_factory.mktemp("samp"))
-    publish_result(samp, samp.run(), root, "words")
-    return root
+    return samp_publish(words_w2v, spoken_data / "test.jsonl", tmp_path_factory.mktemp("audiorepo"), "words",
+                        tmp_path_factory.mktemp("samp"), max_drop=0.01, mode="static", latency_batches=(32,),
+                        max_examples=120)
 
 
 @pytest.fixture(scope="module")

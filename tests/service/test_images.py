@@ -18,7 +18,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import FAST
+from tests.conftest import samp_publish
 from tests.servers import Server, start_server
 
 HELD_OUT = 40
@@ -27,18 +27,9 @@ HELD_OUT = 40
 @pytest.fixture(scope="module")
 def image_repo(tmp_path_factory: pytest.TempPathFactory, digits_vit: Path, digits_data: Path) -> Path:
     """The digits ViT through SAMP (held-out images only: the test split) with a 1-point budget."""
-    from quantizer.publish import publish_result
-    from quantizer.samp import Samp
-    from quantizer.schemas import SampSettings
-    from training.checkpoint import load_checkpoint
-    from training.data.tasks import read_records
-
-    root = tmp_path_factory.mktemp("imgrepo")
-    settings = SampSettings(max_drop=0.01, **{**FAST, "mode": "static", "latency_batches": (32,), "max_examples": 120})
-    samp = Samp(load_checkpoint(digits_vit), read_records(digits_data / "test.jsonl"), settings,
-                workdir=tmp_path_factory.mktemp("samp"))
-    publish_result(samp, samp.run(), root, "digits")
-    return root
+    return samp_publish(digits_vit, digits_data / "test.jsonl", tmp_path_factory.mktemp("imgrepo"), "digits",
+                        tmp_path_factory.mktemp("samp"), max_drop=0.01, mode="static", latency_batches=(32,),
+                        max_examples=120)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,13 @@
 """Audio through the toolkit: the waveform embedding matches transformers' wav2vec2, round trips are exact."""
 
-import json
-
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from training.checkpoint import PREPROCESSOR_FILE, load_checkpoint, save_checkpoint
+from tests.training.round_trip import assert_round_trip_is_bit_exact
 from training.config import load_config
-from training.convert.hf import export_hf, import_hf
+from training.convert.hf import import_hf
 from training.model import build_model
 
 TINY_WAV2VEC2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -62,19 +60,10 @@ def test_wav2vec2_import_matches_transformers(tmp_path, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_wav2vec2_round_trip_is_bit_exact(tmp_path, arch):
     reference = _save(arch, tmp_path / "hf")
-    checkpoint, _ = import_hf(tmp_path / "hf")
-    save_checkpoint(tmp_path / "ours", checkpoint.model, checkpoint.head, None, checkpoint.preprocessor)
-    export_hf(load_checkpoint(tmp_path / "ours"), tmp_path / "back")
-    original = load_file(tmp_path / "hf" / "model.safetensors")
-    back = load_file(tmp_path / "back" / "model.safetensors")
-    assert set(original) == set(back)
-    for name, tensor in original.items():
-        assert torch.equal(tensor, back[name]), name
-    assert json.loads((tmp_path / "back" / PREPROCESSOR_FILE).read_text()) == json.loads(
-        (tmp_path / "hf" / PREPROCESSOR_FILE).read_text())
-    reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "back").eval()
+    back = assert_round_trip_is_bit_exact(tmp_path / "hf", tmp_path)
+    reloaded = getattr(transformers, arch).from_pretrained(back).eval()
+    ours = import_hf(back)[0].model
     audio = _audio(1)
-    ours = checkpoint.model
     assert torch.equal(_reference(reloaded, ours, audio), _reference(reference, ours, audio))
 
 

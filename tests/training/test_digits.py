@@ -5,8 +5,8 @@ import json
 import pytest
 
 from training.checkpoint import load_checkpoint
-from training.jobs import TrainJob, evaluate_checkpoint, run_training
-from training.trainer import TrainSettings
+from tests.conftest import train_from_scratch
+from training.jobs import evaluate_checkpoint
 
 CHANCE = 0.1  # ten digits, near-equal counts
 
@@ -40,7 +40,5 @@ def test_a_small_vit_learns_the_digits(digits_data, digits_vit):
 def test_the_full_digits_run_reaches_its_stated_accuracy(digits_data, tmp_path):
     """The full run (README): 4,000 steps (~70 s); held-out test accuracy 0.961 measured, asserted >= 0.95.
     (More steps do not help on 1,258 images without augmentation: the 1,200-step run scored 0.978.)"""
-    run_training(TrainJob(data=digits_data / "train.jsonl", dev=digits_data / "dev.jsonl", out_dir=tmp_path / "vit",
-                          config="vit-digits"),
-                 TrainSettings(batch_size=32, max_steps=4000, lr=1e-3, progress=False))
+    train_from_scratch(tmp_path / "vit", "vit-digits", digits_data, 4000)
     assert evaluate_checkpoint(tmp_path / "vit", digits_data / "test.jsonl")["accuracy"] >= 0.95

@@ -7,8 +7,8 @@ from scipy.io import wavfile
 
 from training.checkpoint import load_checkpoint
 from training.data.spoken import TEST_VARIANTS, WORDS
-from training.jobs import TrainJob, evaluate_checkpoint, run_training
-from training.trainer import TrainSettings
+from tests.conftest import train_from_scratch
+from training.jobs import evaluate_checkpoint
 
 CHANCE = 1 / len(WORDS)  # 20 words, every voice says each once
 
@@ -39,7 +39,5 @@ def test_a_small_wav2vec2_recognizes_words_from_unheard_voices(spoken_data, word
 @pytest.mark.slow
 def test_the_full_spoken_words_run_reaches_its_stated_accuracy(spoken_data, tmp_path):
     """The full run (README): 1,500 steps (~175 s); 0.888 measured on unheard voices, asserted >= 0.85."""
-    run_training(TrainJob(data=spoken_data / "train.jsonl", dev=spoken_data / "dev.jsonl", out_dir=tmp_path / "w2v",
-                          config="wav2vec2-words"),
-                 TrainSettings(batch_size=32, max_steps=1500, lr=1e-3, progress=False))
+    train_from_scratch(tmp_path / "w2v", "wav2vec2-words", spoken_data, 1500)
     assert evaluate_checkpoint(tmp_path / "w2v", spoken_data / "test.jsonl")["accuracy"] >= 0.85
