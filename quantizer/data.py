@@ -113,23 +113,26 @@ def _tensor_data(checkpoint: Checkpoint, calib_rows: list[dict], dev_rows: list[
     def values(part: list[dict]) -> np.ndarray:
         return np.concatenate([prepare(part[i:i + batch])[name].numpy() for i in range(0, len(part), batch)])
 
-    def task_eval(part: list[dict], split: str) -> TaskEval:
+    def task_eval(part: list[dict], rows: np.ndarray, split: str) -> TaskEval:
         labels = np.array([head.labels.index(str(r["label"])) for r in part])  # type: ignore[union-attr]
-        rows = values(part)
         return TaskEval(name=split, feeds=[{name: rows[i:i + batch]} for i in range(0, len(rows), batch)],
                         labels=labels)
 
     calibration_rows = values(calib_rows)
     per_batch = max(1, len(calibration_rows) // settings.calibration_batches)
-    calibration = [{name: np.resize(calibration_rows[i * per_batch:(i + 1) * per_batch] if
-                                    (i + 1) * per_batch <= len(calibration_rows) else calibration_rows,
-                                    (per_batch, *calibration_rows.shape[1:]))}
-                   for i in range(settings.calibration_batches)]
-    mixed = values(dev_rows[:INVARIANCE_TEXTS])
+
+    def calibration_batch(index: int) -> np.ndarray:
+        """The index-th slice; fewer rows than batches: the rows repeated to one batch."""
+        rows = calibration_rows[index * per_batch:(index + 1) * per_batch]
+        return rows if len(rows) == per_batch else np.resize(calibration_rows, (per_batch, *rows.shape[1:]))
+
+    calibration = [{name: calibration_batch(i)} for i in range(settings.calibration_batches)]
+    dev_values = values(dev_rows)
+    mixed = dev_values[:INVARIANCE_TEXTS]  # the batch-invariance inputs: dev's first, prepared once
 
     def latency(batch_size: int, length: int) -> Feed:
         return {name: np.resize(calibration_rows, (batch_size, *calibration_rows.shape[1:]))}
 
-    return SampData(dev=task_eval(dev_rows, "dev"), test=task_eval(test_rows, "test"), calibration=calibration,
-                    latency=latency, alone=[{name: mixed[i:i + 1]} for i in range(len(mixed))],
+    return SampData(dev=task_eval(dev_rows, dev_values, "dev"), test=task_eval(test_rows, values(test_rows), "test"),
+                    calibration=calibration, latency=latency, alone=[{name: mixed[i:i + 1]} for i in range(len(mixed))],
                     together=[{name: mixed[i:i + INVARIANCE_BATCH]} for i in range(0, len(mixed), INVARIANCE_BATCH)])

@@ -91,6 +91,12 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def read_splits(folder: Path) -> dict[str, list[dict]]:
+    """A data set's train/dev/test records as written (paths not resolved)."""
+    return {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "dev", "test")}
+
+
 def train_from_scratch(out: Path, config: str, data: Path, steps: int, lr: float = 1e-3) -> Path:
     """A named config trained from scratch on ``data``'s train/dev records (batch 32); its checkpoint folder."""
     from training.jobs import TrainJob, run_training

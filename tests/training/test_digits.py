@@ -1,23 +1,16 @@
 """The image path trained for real: a small ViT learns scikit-learn's handwritten digits from scratch."""
 
-import json
-
 import pytest
 
 from training.checkpoint import load_checkpoint
-from tests.conftest import train_from_scratch
+from tests.conftest import read_splits, train_from_scratch
 from training.jobs import evaluate_checkpoint
 
 CHANCE = 0.1  # ten digits, near-equal counts
 
 
-def _parts(out):
-    return {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "dev", "test")}
-
-
 def test_the_digit_splits_are_disjoint_and_stratified(digits_data):
-    parts = _parts(digits_data)
+    parts = read_splits(digits_data)
     assert {name: len(records) for name, records in parts.items()} == {"train": 1258, "dev": 179, "test": 360}
     files = [set(r["image"] for r in records) for records in parts.values()]
     assert not (files[0] & files[1]) and not (files[0] & files[2]) and not (files[1] & files[2])

@@ -1,25 +1,18 @@
 """The audio path trained for real: a small wav2vec2 learns spoken words from voices it then never hears."""
 
-import json
-
 import pytest
 from scipy.io import wavfile
 
 from training.checkpoint import load_checkpoint
 from training.data.spoken import TEST_VARIANTS, WORDS
-from tests.conftest import train_from_scratch
+from tests.conftest import read_splits, train_from_scratch
 from training.jobs import evaluate_checkpoint
 
 CHANCE = 1 / len(WORDS)  # 20 words, every voice says each once
 
 
-def _parts(out):
-    return {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "dev", "test")}
-
-
 def test_the_split_is_by_voice(spoken_data):
-    parts = _parts(spoken_data)
+    parts = read_splits(spoken_data)
     assert {name: len(records) for name, records in parts.items()} == {"train": 2100, "dev": 300, "test": 600}
     voices = {name: {r["voice"] for r in records} for name, records in parts.items()}
     assert not (voices["train"] & voices["test"]) and not (voices["train"] & voices["dev"])
