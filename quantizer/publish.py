@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantizer.engines import build_tensorrt_engine, tensorrt_available
 from quantizer.export import ExportInfo, export_onnx
-from quantizer.quantize import apply_plan
 from quantizer.report import REPORT_JSON, REPORT_PNG, write_json, write_plot
 from quantizer.samp import Samp
 from quantizer.schemas import DEFAULT_BATCH_COSINE, SampReport, SampResult, SampSettings
@@ -38,7 +36,6 @@ from training.checkpoint import CONFIG_FILE, Checkpoint, raw_tokenizer
 
 SERVED_TASKS = {"matching": "matching", "classification": "classification", "lm": "generation"}
 """A checkpoint's training task -> the repository task it publishes as (RepoModelConfig.task)."""
-TENSORRT_FILE = "model.plan"
 
 
 class NotServable(ValueError):
@@ -164,7 +161,7 @@ def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) 
 
 
 def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:
-    """Write ``repo/model/<next>/``; returns its path and notes (such as a skipped TensorRT build).
+    """Write ``repo/model/<next>/``; returns its path and notes.
     Refuses (NotServable) a checkpoint the server could not serve, before writing anything."""
     model_dir = Path(repo) / model
     served_task(model_dir, samp.checkpoint)
@@ -179,20 +176,7 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
         REPORT_JSON: write_json(result.report, work / REPORT_JSON),
         REPORT_PNG: write_plot(result.report, work / REPORT_PNG),
     }
-    notes = []
-    available, reason = tensorrt_available()
-    if isinstance(samp, DecoderSamp):
-        notes.append("TensorRT engine skipped: generators are served by onnxruntime with a KV cache")
-    elif available:  # TensorRT reads the portable QDQ graph, not the CPU's folded one
-        source = result.model_path
-        if result.report.mode == "static":
-            chosen_int8 = next(c for c in result.report.candidates if c.name == result.report.chosen).int8
-            source = apply_plan(samp.info.path, work / "portable-qdq.onnx", samp.units, set(chosen_int8), "static",
-                                samp.data.calibration, samp.settings.calibration_method, fold=False,
-                                calibration_cache=samp.calibration_cache)
-        files[TENSORRT_FILE] = build_tensorrt_engine(source, work / TENSORRT_FILE)
-    else:
-        notes.append(reason)
+    notes: list[str] = []
     metadata: dict[str, Any] = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict,
                                 "mode": result.report.mode}
     if result.report.provenance is not None:  # the server compares it with the host it runs on

@@ -3,29 +3,19 @@
 Per encoder layer: ``attn_qkv`` (query, key, value projections), ``attn_out``, ``ffn_in`` (and the
 gate of a gated FFN), ``ffn_out``; plus ``embeddings`` (the word-table Gather, and the projection
 of a factorized embedding) and ``head`` (weight MatMuls of the target). Units are found from the
-ONNX node names, which the exporter derives from our module names (``/encoder/layers.3/...``).
+ONNX node names, which the exporter derives from our module names (``/encoder/layers.3/...``), by the
+rule the PyTorch plan shares (service.runtimes.unit_names).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
-_LAYER = re.compile(r"/(encoder|decoder)/layers\.(\d+)/")
-_KINDS = (
-    ("cross_attention", "cross_attn"),
-    ("feed_forward/outer", "ffn_out"),
-    ("feed_forward/inner", "ffn_in"),
-    ("feed_forward/gate", "ffn_in"),
-    ("self_attention/output", "attn_out"),
-    ("query", "attn_qkv"),
-    ("key", "attn_qkv"),
-    ("value", "attn_qkv"),
-)
+from service.runtimes.unit_names import unit_of_node
 
 
 @dataclass(frozen=True)
@@ -33,21 +23,6 @@ class Unit:
     name: str  # e.g. "layer3.ffn_out"
     nodes: tuple[str, ...]  # ONNX node names
     flops_per_token: int  # multiply-adds x2 of the weight matrices, for the quantization rate
-
-
-def _unit_name(node_name: str) -> str | None:
-    match = _LAYER.search(node_name)
-    if match:
-        prefix = "" if match.group(1) == "encoder" else "decoder."
-        for marker, kind in _KINDS:
-            if f"/{marker}/" in node_name:
-                return f"{prefix}layer{int(match.group(2))}.{kind}"
-        return None
-    if node_name.startswith("/embedding/"):
-        return "embeddings"
-    if node_name.startswith(("/target/", "/lm_head/")):  # lm_head: a decoder export's untied projection
-        return "head"
-    return None
 
 
 def find_units(model_path: Path) -> list[Unit]:
@@ -64,7 +39,7 @@ def find_units(model_path: Path) -> list[Unit]:
             cost = 0  # a table lookup: smaller, not faster
         else:
             continue
-        name = _unit_name(node.name)
+        name = unit_of_node(node.name)
         if name is None:
             continue
         grouped.setdefault(name, []).append(node.name)

@@ -259,6 +259,51 @@ def quantize(
     quantize_and_publish(loaded, read_records(data), settings, repo, model, console)
 
 
+@app.command("quantize-gpu")
+def quantize_gpu(
+    data: Annotated[Path, typer.Option(help="Task records (.jsonl/.tsv): split into calibration, dev, test.")],
+    checkpoint: Annotated[Path, typer.Option(help="Our checkpoint (or a Hugging Face folder).")],
+    repo: Annotated[Path, typer.Option(help="The model repository.")] = Path("model_repo"),
+    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "default",
+    max_drop: Annotated[float, typer.Option(help="Budget: largest metric drop (0.01 = 1 point).")] = 0.01,
+    min_cosine: Annotated[float | None, typer.Option(help="Embeddings: lowest mean cosine to FP32.")] = None,
+    device: Annotated[str, typer.Option(help="cuda, or cpu to check the procedure (its timings say nothing "
+                                        "about a GPU).")] = "cuda",
+    dtypes: Annotated[str, typer.Option(help="Body dtypes to try, comma-separated, preferred first.")] =
+        "float16,bfloat16",
+    sequence_length: int = 128,
+    batches: Annotated[str, typer.Option(help="Batch sizes timed, comma-separated.")] = "1,8,32",
+    rounds: Annotated[int, typer.Option(help="Timing rounds (interleaved).")] = 5,
+    max_examples: Annotated[int, typer.Option(help="Records in each of calibration, dev and test.")] = 256,
+    matching_metric: Annotated[str, typer.Option(help="Matching: spearman_vs_fp32 or retrieval.")] =
+        "spearman_vs_fp32",
+) -> None:
+    """SAMP for the GPU: choose the body dtype (FP16/BF16) and the units in INT8 (W8A8 with per-row
+    activation scales, batch-invariant) within the budget, timed against PyTorch eager FP32 and FP16 on
+    the same device, and publish the PyTorch plan (torch/) beside the model's current ONNX plan as its next
+    version. Serve it with "runtime": "pytorch" in the model's config.json."""
+    from quantizer.publish_torch import publish_torch_result
+    from quantizer.samp_torch import TorchSamp, TorchSampSettings
+    from quantizer.timing import TimingPolicy
+    from training.data.tasks import read_records
+    from training.jobs import load_any
+
+    settings = TorchSampSettings(
+        device=device, dtypes=[d.strip() for d in dtypes.split(",") if d.strip()], max_drop=max_drop,
+        min_cosine=min_cosine, sequence_length=sequence_length,
+        latency_batches=tuple(int(b) for b in batches.split(",")), max_examples=max_examples,
+        timing=TimingPolicy(rounds=rounds, max_rounds=max(rounds, 20)), matching_metric=matching_metric)
+    loaded = load_any(checkpoint)
+    with console.status(f"SAMP on {device}: quantizing {model}"):
+        samp = TorchSamp(loaded, read_records(data), settings)
+        result = samp.run()
+        version = publish_torch_result(samp, result, repo, model)
+    for note in result.report.notes:
+        console.print(f"note: {note}")
+    console.print(result.report.verdict)
+    console.print(f"published {version}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
              add_help_option=False)
 def serve(ctx: typer.Context) -> None:

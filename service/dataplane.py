@@ -44,12 +44,12 @@ from service.instances import RuntimeHung
 from service.metrics import Metrics
 from service.models import GenerationVersion, IndexEntry, LoadedVersion, ModelManager
 from service.request_context import current_request
+from service.runtimes import RuntimeInfo
 from service.settings import Settings
 from service.tensors import TensorInput
 
 __all__ = ["DataPlane", "TensorInput"]
 
-PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "generate", "model_repository"]
 """The protocol extensions served (server metadata, both transports, as Triton lists them)."""
 OUTPUT_NAMES = {"matching": "embeddings", "classification": "logits"}
@@ -201,13 +201,14 @@ class DataPlane:
         if isinstance(loaded, GenerationVersion):  # Triton's generate extension: text_input -> text_output
             limits = loaded.engine.limits
             return ModelMetadata(
-                name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
+                name=name, versions=[str(v) for v in sorted(state.versions)], platform=loaded.runtime.platform,
                 inputs=[TensorMetadata("text_input", "BYTES", [1])],
                 outputs=[TensorMetadata("text_output", "BYTES", [1])],
                 parameters={"task": "generation", "max_length": loaded.head.max_length,
                             "max_model_len": limits.max_model_len, "max_num_seqs": limits.max_num_seqs,
                             "max_waiting": limits.max_waiting, "chat_template": loaded.head.has_chat_template,
-                            "failed_versions": failed, **loaded.tuning.parameters()})
+                            "failed_versions": failed, **runtime_parameters(loaded.runtime),
+                            **loaded.tuning.parameters()})
         extra: dict[str, Any] = {}
         if isinstance(loaded.head, TensorHead):  # one of these tensors, not several
             inputs = [TensorMetadata(n, loaded.head.inputs[n], shape) for n, shape in loaded.head.shapes().items()]
@@ -215,12 +216,13 @@ class DataPlane:
         else:
             inputs = [TensorMetadata(n, "BYTES", [-1]) for n in INPUT_NAMES]
         return ModelMetadata(
-            name=name, versions=[str(v) for v in sorted(state.versions)], platform=PLATFORM,
+            name=name, versions=[str(v) for v in sorted(state.versions)], platform=loaded.runtime.platform,
             inputs=inputs,
             outputs=[TensorMetadata(OUTPUT_NAMES[loaded.config.task], "FP32", [-1, -1])],
             parameters={"task": loaded.config.task, "max_length": loaded.head.max_length,
                         "instances": loaded.pool.instances, "max_texts_per_request": loaded.max_texts,
-                        "failed_versions": failed, **extra, **loaded.tuning.parameters()})
+                        "failed_versions": failed, **extra, **runtime_parameters(loaded.runtime),
+                        **loaded.tuning.parameters()})
 
     # -- the model repository extension (index, load, unload) ----------------------------------
 
@@ -575,6 +577,12 @@ class DataPlane:
 
     def close(self) -> None:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+def runtime_parameters(info: RuntimeInfo) -> dict[str, str]:
+    """What runs a version, as model metadata parameters: ``runtime``, ``device`` and the engine's details
+    (onnxruntime's ``providers``; the PyTorch plan's ``dtype``, ``int8_units``, ``cuda_graphs``)."""
+    return {"runtime": info.runtime, "device": info.device, **info.detail}
 
 
 def _check_repository_parameters(parameters: dict[str, Any], allowed: Sequence[str]) -> None:

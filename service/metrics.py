@@ -47,6 +47,8 @@ class Metrics:
                                ("model", "version", "reason"), registry=r)
         self.loaded = Gauge("sampserve_model_version_loaded", "1 for each loaded (served) version.", labels,
                             registry=r)
+        self.runtime_info = Gauge("sampserve_model_runtime_info", "1 per loaded version, labelled with the runtime "
+                                  "and device that run it.", (*labels, "runtime", "device"), registry=r)
         self.ready = Gauge("sampserve_model_ready", "1 when the model has a ready version, else 0.", ("model",),
                            registry=r)
         self.load_failures = Counter("sampserve_model_load_failures_total", "Versions that failed to load.",
@@ -86,16 +88,17 @@ class Metrics:
         """A model configured in the repository (served or not): its name may be a label."""
         self._served.setdefault(model, set())
 
-    def version_loaded(self, model: str, version: int) -> None:
+    def version_loaded(self, model: str, version: int, runtime: str = "onnxruntime", device: str = "cpu") -> None:
         self._served.setdefault(model, set()).add(str(version))
         self.loaded.labels(model, str(version)).set(1)
+        self.runtime_info.labels(model, str(version), runtime, device).set(1)
 
     def version_unloaded(self, model: str, version: int) -> None:
         """Drop every series of an unloaded version, so a long-lived server does not keep them all."""
         self._served.get(model, set()).discard(str(version))
         for metric in (self.requests, self.latency, self.queue_time, self.compute_time, self.batch_size,
                        self.queue_depth, self.queue_capacity, self.tokens, self.padded_tokens, self.dropped,
-                       self.loaded, self.load_failures, self.hung_calls, self.time_to_first_token,
+                       self.loaded, self.runtime_info, self.load_failures, self.hung_calls, self.time_to_first_token,
                        self.inter_token_latency, self.prompt_tokens, self.generation_tokens, self.sequences_running,
                        self.sequences_waiting, self.kv_cache_tokens, self.kv_cache_capacity, self.preemptions):
             metric.remove_by_labels({"model": model, "version": str(version)})

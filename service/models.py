@@ -39,7 +39,7 @@ from service.repository import (
     load_model_config,
     verify,
 )
-from service.runtimes import RUNTIMES
+from service.runtimes import RUNTIMES, RuntimeInfo, RuntimeSpec
 from service.settings import Settings
 
 log = logging.getLogger("sampserve")
@@ -97,6 +97,8 @@ class LoadedVersion:
     """Most inputs one request may queue: below the queue size, so one request cannot fill it."""
     width: int
     """Length of one output row (embedding size or number of classes), measured by the warm-up pass."""
+    runtime: RuntimeInfo
+    """What runs the version (engine, device, providers or plan)."""
     tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
 
     async def run(self, items: list[Encoded] | list[TensorItem], timeout_s: float | None) -> np.ndarray:
@@ -130,6 +132,13 @@ class GenerationVersion:
     head: GenerationHead
     engine: GenerationEngine
     tuning: Tuning = field(default_factory=lambda: Tuning(None, ""))
+
+    @property
+    def runtime(self) -> RuntimeInfo:
+        """Generation runs its decoder graph on onnxruntime (the KV-cache step loop)."""
+        running = self.engine.graph.session.get_providers()
+        device = "cpu" if running[0] == "CPUExecutionProvider" else f"cuda ({running[0]})"
+        return RuntimeInfo("onnxruntime", device, "onnxruntime_onnx", {"providers": " > ".join(running)})
 
     def wedged(self, max_hung_calls: int) -> bool:
         """The engine's step loop stopped on a bug while the version is served."""
@@ -362,15 +371,18 @@ class ModelManager:
             raise ValueError(f"batching.max_batch_tokens={config.batching.max_batch_tokens} is below the model's "
                              f"max_length={head.max_length}: one long input could never run; raise "
                              f"max_batch_tokens in {self.settings.repo / name / MODEL_CONFIG_FILE}")
-        runtime_name = getattr(config, "runtime", "onnxruntime")
-        factory = RUNTIMES.get(runtime_name)
+        factory = RUNTIMES.get(config.runtime)
         if factory is None:
-            raise ValueError(f"runtime {runtime_name!r} is not registered; runtimes: {sorted(RUNTIMES)}")
+            raise ValueError(f"runtime {config.runtime!r} is not registered; runtimes: {sorted(RUNTIMES)}")
         count = config.batching.instances or self.settings.instances
         hung = self.metrics.hung_calls.labels(name, str(version))
-        disabled = tuple(head.meta.disabled_optimizers or ())
-        pool = InstancePool(lambda: factory(path / ONNX_FILE, self.settings.threads, count == 1, disabled), count,
-                            self.settings.runtime_timeout_s, f"{name}/{version}", on_hung=hung.set)
+        spec = RuntimeSpec(
+            version_dir=path, input_names=tuple(head.meta.input_names), threads=self.settings.threads,
+            spinning=count == 1, disabled_optimizers=tuple(head.meta.disabled_optimizers or ()), ort=config.onnxruntime,
+            ort_providers=tuple(self.settings.ort_providers), engine_cache=self.settings.engine_cache.expanduser(),
+            torch=config.pytorch, max_batch_size=config.batching.max_batch_size, max_length=head.max_length)
+        pool = InstancePool(lambda: factory(spec), count, self.settings.runtime_timeout_s, f"{name}/{version}",
+                            on_hung=hung.set)
         warm_up = head.collate(head.warm_up_items())  # type: ignore[arg-type]
         pool.start(warm_up)  # one real forward pass each before the version may take traffic
         width = int(pool.runtimes[0].run(warm_up).shape[-1])
@@ -388,7 +400,7 @@ class ModelManager:
         batcher: Batcher[Encoded | TensorItem, np.ndarray] = Batcher(
             run_batch, policy, self.metrics.observer(name, version), concurrency=count)
         max_texts = max(1, min(self.settings.max_texts_per_request, policy.max_queue_size // 2))
-        return LoadedVersion(name, version, config, head, pool, batcher, max_texts, width)
+        return LoadedVersion(name, version, config, head, pool, batcher, max_texts, width, pool.runtimes[0].info)
 
     def _read_config(self, name: str) -> RepoModelConfig:
         config = load_model_config(self.settings.repo / name)
@@ -472,12 +484,14 @@ class ModelManager:
             return
         state.failed.pop(version, None)
         state.versions[version] = loaded
-        self.metrics.version_loaded(name, version)
+        self.metrics.version_loaded(name, version, loaded.runtime.runtime, loaded.runtime.device)
         self.metrics.queue_capacity.labels(name, str(version)).set(loaded.queue_capacity)
         if isinstance(loaded, GenerationVersion):
-            log.info("model %s version %d loaded (generation: %s)", name, version, loaded.engine.limits)
+            log.info("model %s version %d loaded (generation: %s; %s)", name, version, loaded.engine.limits,
+                     loaded.runtime.describe())
         else:
-            log.info("model %s version %d loaded (%d instances)", name, version, loaded.pool.instances)
+            log.info("model %s version %d loaded (%d instances, %s)", name, version, loaded.pool.instances,
+                     loaded.runtime.describe())
 
     async def _unload(self, state: ModelState, version: int) -> None:
         old = state.versions.pop(version)

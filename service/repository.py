@@ -40,6 +40,14 @@ MODEL_CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 HEAD_FILE = "head.json"
+TORCH_PLAN_FILE = "torch/plan.json"
+"""The PyTorch (GPU) plan of a version, beside its ONNX (CPU) plan: TorchPlan."""
+TORCH_CONFIG_FILE = "torch/model_config.json"
+"""The toolkit's model config the PyTorch runtime builds the model from (training.config.ModelConfig)."""
+TORCH_WEIGHTS_FILE = "torch/model.safetensors"
+"""The toolkit's FP32 weights; the runtime derives each unit's form (INT8, FP16, ...) from them at load."""
+TORCH_REPORT_FILE = "torch/samp_report.json"
+"""What SAMP measured on the GPU to choose the plan (quantizer.samp_torch.TorchSampReport)."""
 REPORT_FILE = "samp_report.json"
 
 TEMP_PREFIX = ".tmp-"
@@ -161,6 +169,48 @@ class VersionPolicy(_Strict):
         return versions
 
 
+OrtProvider = Literal["tensorrt", "cuda", "cpu"]
+"""onnxruntime execution providers by short name, tried in the order given (the CPU one always last)."""
+ORT_PROVIDER_NAMES: dict[str, str] = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+                                      "cpu": "CPUExecutionProvider"}
+
+
+class OrtRuntimeConfig(_Strict):
+    """How onnxruntime runs a model's ONNX plan on the node at hand."""
+
+    providers: list[OrtProvider] | None = Field(None, min_length=1)
+    """Providers in order of preference; those the installed onnxruntime lacks are skipped (and logged), the
+    CPU provider always closes the list. None: the server's ``ort_providers``."""
+    tensorrt_fp16: bool = True
+    """TensorRT: run the float parts in FP16."""
+    tensorrt_int8: bool = True
+    """TensorRT: run the graph's Q/DQ pairs as INT8 (explicit quantization: no calibration table)."""
+
+
+class TorchRuntimeConfig(_Strict):
+    """How the PyTorch runtime runs a version's PyTorch plan."""
+
+    device: Literal["cuda", "cpu"] = "cuda"
+    """``cuda``: the first GPU (the version fails to load, saying so, where CUDA is absent); ``cpu``: torch on
+    the CPU (a check of the plan, not a fast path: onnxruntime serves CPUs)."""
+    cuda_graphs: bool = True
+    """CUDA: capture one graph per (batch, length) bucket at load and replay it (removes kernel launches)."""
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1)
+    """Batch sizes captured; a batch is padded with copies of its first row to the next bucket. Capped by
+    batching.max_batch_size (which is always covered)."""
+    length_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=1)
+    """Sequence lengths captured; a batch is padded (attention mask 0) to the next bucket. Capped by the
+    model's max_length (which is always covered)."""
+
+    @model_validator(mode="after")
+    def _positive_sorted(self) -> TorchRuntimeConfig:
+        for name in ("batch_buckets", "length_buckets"):
+            values = getattr(self, name)
+            if any(v < 1 for v in values) or values != sorted(set(values)):
+                raise ValueError(f"{name}: positive and strictly increasing, got {values}")
+        return self
+
+
 class RepoModelConfig(_Strict):
     """A served model's committed ``<model>/config.json``."""
 
@@ -179,7 +229,12 @@ class RepoModelConfig(_Strict):
     max_length: int | None = Field(None, ge=1)
     """Longest input in tokens the server accepts; None: the model's own limit."""
     runtime: str = Field("onnxruntime", min_length=1)
-    """The runtime by name, from service.runtimes.RUNTIMES; plugins may register more."""
+    """The runtime by name, from service.runtimes.RUNTIMES (``onnxruntime``: the ONNX plan; ``pytorch``: the
+    version's PyTorch plan, torch/); plugins may register more."""
+    onnxruntime: OrtRuntimeConfig = Field(default_factory=lambda: OrtRuntimeConfig())
+    """onnxruntime's execution providers for this model (default: the server's order)."""
+    pytorch: TorchRuntimeConfig = Field(default_factory=lambda: TorchRuntimeConfig())
+    """The PyTorch runtime's device and CUDA-graph buckets (used when ``runtime`` is ``pytorch``)."""
     generation: GenerationConfig | None = None
     """Generation models: scheduling and cache limits (defaults when absent); ``batching`` is then
     unused. Only for task "generation"."""
@@ -333,6 +388,60 @@ class HeadMeta(BaseModel):
     def to_json(self) -> bytes:
         """The file's bytes as publish writes them."""
         return self.model_dump_json(indent=2, exclude_none=True).encode("utf-8") + b"\n"
+
+
+TorchDtype = Literal["float32", "float16", "bfloat16"]
+TorchForm = Literal["int8", "float32", "float16", "bfloat16"]
+"""A unit's form in a PyTorch plan: INT8 is W8A8 with one scale per weight output channel and one per
+activation row (so a row's result does not depend on its batch-mates), accumulated in int32."""
+
+
+class TorchDevice(BaseModel):
+    """The device a PyTorch plan was measured on."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    name: str
+    """``torch.cuda.get_device_name()`` or the CPU's model name."""
+    capability: str | None = None
+    """CUDA compute capability (``9.0`` for Hopper); None on a CPU."""
+    torch: str
+    cuda: str | None = None
+    """The CUDA version torch was built with."""
+
+
+class TorchPlan(BaseModel):
+    """``<model>/<N>/torch/plan.json``: the PyTorch plan SAMP chose (the GPU path; the ONNX plan beside it is
+    the CPU path). The runtime builds the model from torch/model_config.json and torch/model.safetensors and
+    gives every unit its form."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    format: Literal[1] = 1
+    compute_dtype: TorchDtype
+    """The dtype everything outside ``forms`` runs in (layer norms, attention, units not listed)."""
+    forms: dict[str, TorchForm] = Field(default_factory=dict)
+    """Units whose form differs from ``compute_dtype``, by unit name (``layer3.ffn_in``, ``head``)."""
+    measured_on: TorchDevice | None = None
+    """Where SAMP measured the plan (None: written by hand)."""
+
+    @property
+    def int8_units(self) -> list[str]:
+        return sorted(u for u, f in self.forms.items() if f == "int8")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2, exclude_none=True).encode("utf-8") + b"\n"
+
+
+def load_torch_plan(version_dir: Path) -> TorchPlan | None:
+    """Read and validate ``version_dir/torch/plan.json``; None when the version has no PyTorch plan."""
+    path = Path(version_dir) / TORCH_PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TorchPlan.model_validate(_read_json(path, HeadError))
+    except ValidationError as e:
+        raise HeadError(f"{path}: {_describe(e)}") from e
 
 
 def load_head(version_dir: Path) -> HeadMeta:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.repository import OrtProvider
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAMPSERVE_", extra="forbid")
@@ -29,6 +31,12 @@ class Settings(BaseSettings):
         "Python modules imported at start, e.g. to register runtimes (service.runtimes.RUNTIMES)."))
 
     # -- compute -----------------------------------------------------------------------------
+    ort_providers: list[OrtProvider] = Field(["tensorrt", "cuda", "cpu"], min_length=1, description=(
+        "onnxruntime execution providers in order of preference; those this onnxruntime build lacks are skipped "
+        "and the CPU one always comes last (a model's config.json onnxruntime.providers overrides)."))
+    engine_cache: Path = Field(Path("~/.cache/sampserve/tensorrt"), description=(
+        "Where onnxruntime's TensorRT provider keeps the engines it builds on this node, one folder per model "
+        "version (used only where that provider is present)."))
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per instance (all cores).")
     instances: int = Field(2, ge=1, le=16, description=(
         "Runtime instances per model version, each running one batch at a time (Triton's instance_group "

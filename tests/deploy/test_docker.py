@@ -63,12 +63,19 @@ def test_image_is_multistage_non_root_with_a_healthcheck(dockerfile: Path) -> No
 
 
 @pytest.mark.parametrize("name", ["requirements-server.txt", "requirements-gpu.txt"])
-def test_server_images_pin_every_dependency_and_carry_no_torch(name: str) -> None:
+def test_server_images_pin_every_dependency(name: str) -> None:
+    """Every line pinned; one onnxruntime build; no training stack. The CPU image carries no torch, the GPU
+    image torch's CUDA build for the PyTorch runtime."""
     lines = requirements(ROOT / "docker" / name)
     assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][\w.\-+]*", line) for line in lines), lines
     names = {line.split("==")[0].lower() for line in lines}
-    assert not names & {"torch", "transformers", "sentence-transformers", "matplotlib"}
+    assert not names & {"transformers", "sentence-transformers", "matplotlib"}
     assert len({"onnxruntime", "onnxruntime-gpu"} & names) == 1
+    pins = dict(line.lower().split("==") for line in lines)
+    if name == "requirements-gpu.txt":
+        assert "torch" in pins and "safetensors" in pins
+    else:
+        assert "torch" not in pins
 
 
 def test_compose_file_is_accepted_by_docker_compose() -> None:

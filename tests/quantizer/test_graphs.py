@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from quantizer.engines import ort_session, tensorrt_available
+from quantizer.engines import ort_session
 from quantizer.export import export_onnx, sample_inputs
 from quantizer.measure import cosine_rows
 from quantizer.quantize import apply_plan
@@ -143,9 +143,3 @@ def test_unknown_unit_is_refused(tmp_path, exported):
     _, info = exported
     with pytest.raises(ValueError, match="does not have"):
         apply_plan(info.path, tmp_path / "x.onnx", find_units(info.path), {"layer9.ffn_out"}, "dynamic")
-
-
-def test_tensorrt_is_skipped_with_one_line_reason_when_absent():
-    available, reason = tensorrt_available()
-    if not available:
-        assert reason.startswith("TensorRT engine skipped:") and "\n" not in reason

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from service.runtimes import RUNTIMES
+from service.runtimes import RUNTIMES, RuntimeSpec
 from service.runtimes.onnxruntime import OnnxRuntime
 
 FLAG_ENV = "SAMPSERVE_TEST_HANG_FLAG"
@@ -29,8 +27,8 @@ class HangingRuntime(OnnxRuntime):
         return super().run(feed)
 
 
-def _hanging(path: Path, threads: int | None, spinning: bool, disabled_optimizers: Sequence[str]) -> HangingRuntime:
-    return HangingRuntime(path, threads, spinning, disabled_optimizers)
+def _hanging(spec: RuntimeSpec) -> HangingRuntime:
+    return HangingRuntime(spec.onnx_path, spec.threads, spec.spinning, spec.disabled_optimizers)
 
 
 RUNTIMES["hanging"] = _hanging
