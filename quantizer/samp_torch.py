@@ -41,7 +41,7 @@ from quantizer.timing import Quietness, Timing, TimingPolicy, clearly_faster, co
 from service.provenance import host_info
 from service.repository import TorchDevice, TorchDtype, TorchForm, TorchPlan
 from service.runtimes.pytorch import PlannedRunner
-from service.runtimes.torch_plan import DTYPES, apply_plan, int8_units, unit_flops
+from service.runtimes.torch_plan import DTYPES, apply_plan, int8_units, unit_flops, unit_linears
 from training.checkpoint import Checkpoint
 
 EAGER_FP32 = "PyTorch eager FP32"
@@ -143,6 +143,8 @@ class TorchSamp:
         self.data: SampData = build_data(checkpoint, records, tuple(self.input_names), settings.data_settings())
         self.fp32 = copy.deepcopy(checkpoint.model).float().eval().to(self.device)
         self.units = int8_units(self.fp32)
+        self.not_int8 = [u for u in unit_linears(self.fp32) if u not in self.units]
+        """Units whose matrices an int8 GEMM cannot take (a dimension not a multiple of 8): kept in the body."""
         flops = unit_flops(self.fp32)
         self.flops = {u: flops[u] for u in self.units}
         reference = self.runner(self.fp32, torch.float32)
@@ -250,6 +252,9 @@ class TorchSamp:
     def run(self) -> TorchSampResult:
         s = self.settings
         notes: list[str] = []
+        if self.not_int8:
+            notes.append(f"kept in the body dtype: {', '.join(self.not_int8)} (an int8 GEMM needs matrix dimensions "
+                         "that are multiples of 8)")
         big = max(s.latency_batches)
         dtype = self.choose_dtype(notes)
         everything = frozenset(self.units)

@@ -76,3 +76,57 @@ async def test_the_server_opens_a_version_without_the_fusions_its_head_json_name
         np.testing.assert_allclose(rows[0], rows[1], atol=1e-4)
     finally:
         await manager.close()
+
+
+def test_providers_follow_the_asked_order_skip_what_the_build_lacks_and_end_with_the_cpu(tmp_path: Path) -> None:
+    from service.repository import OrtRuntimeConfig
+    from service.runtimes.onnxruntime import choose_providers
+
+    cpu_only = ["CPUExecutionProvider"]
+    chosen, skipped = choose_providers(["tensorrt", "cuda", "cpu"], cpu_only, OrtRuntimeConfig())
+    assert chosen == ["CPUExecutionProvider"]
+    assert [line.split()[0] for line in skipped] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    # a build with both GPU providers (the list onnxruntime-gpu reports): TensorRT first with its options
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen, skipped = choose_providers(["cuda", "tensorrt"], gpu_build, OrtRuntimeConfig(tensorrt_int8=False),
+                                       tmp_path, ["input_ids", "attention_mask"], max_batch_size=16, max_length=256)
+    assert not skipped and chosen[0] == "CUDAExecutionProvider" and chosen[-1] == "CPUExecutionProvider"
+    name, options = chosen[1]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_fp16_enable"] is True and options["trt_int8_enable"] is False
+    assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_profile_max_shapes"] == "input_ids:16x256,attention_mask:16x256"
+    assert options["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1"
+
+
+def test_engine_caches_are_one_folder_per_graph(tmp_path: Path) -> None:
+    from service.runtimes.onnxruntime import engine_cache_dir
+
+    for version in ("1", "2"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+    first = _residual_norm_graph(tmp_path / "m" / "1" / "model.onnx")
+    second = _residual_norm_graph(tmp_path / "m" / "2" / "model.onnx", width=16)
+    a, b = engine_cache_dir(tmp_path / "cache", first), engine_cache_dir(tmp_path / "cache", second)
+    assert a.name.startswith("m-1-") and b.name.startswith("m-2-") and a != b
+    assert engine_cache_dir(tmp_path / "cache", first) == a  # stable: a restart finds its engines
+
+
+async def test_the_server_reports_the_providers_it_runs_and_refuses_none_it_lacks(repo: Path, tmp_path: Path) -> None:
+    """Asking for TensorRT and CUDA on a CPU-only onnxruntime still serves (on the CPU), and says so."""
+    model_dir = tmp_path / "emb"
+    shutil.copytree(repo / "emb", model_dir)
+    config = model_dir / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "onnxruntime": {"providers": ["tensorrt", "cuda", "cpu"]}}))
+    from service.dataplane import DataPlane
+
+    settings, metrics = Settings(repo=tmp_path, instances=1, threads=1), Metrics()
+    plane = DataPlane(ModelManager(settings, metrics), settings, metrics)
+    await plane.models.refresh()
+    try:
+        meta = plane.model_metadata("emb", None)
+        assert meta.platform == "onnxruntime_onnx"
+        assert meta.parameters["runtime"] == "onnxruntime" and meta.parameters["device"] == "cpu"
+        assert meta.parameters["providers"] == "CPUExecutionProvider"
+    finally:
+        await plane.models.close()
