@@ -160,8 +160,8 @@ def publish_fp32(checkpoint: Checkpoint, repo: Path, model: str, workdir: Path) 
     }, {"source": str(checkpoint.path), "verdict": "FP32, not quantized", "quantized": False})
 
 
-def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, model: str) -> tuple[Path, list[str]]:
-    """Write ``repo/model/<next>/``; returns its path and notes.
+def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, model: str) -> Path:
+    """Write ``repo/model/<next>/``; returns its path.
     Refuses (NotServable) a checkpoint the server could not serve, before writing anything."""
     model_dir = Path(repo) / model
     served_task(model_dir, samp.checkpoint)
@@ -176,7 +176,6 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
         REPORT_JSON: write_json(result.report, work / REPORT_JSON),
         REPORT_PNG: write_plot(result.report, work / REPORT_PNG),
     }
-    notes: list[str] = []
     metadata: dict[str, Any] = {"source": str(samp.checkpoint.path), "verdict": result.report.verdict,
                                 "mode": result.report.mode}
     if result.report.provenance is not None:  # the server compares it with the host it runs on
@@ -185,7 +184,7 @@ def publish_result(samp: Samp | DecoderSamp, result: SampResult, repo: Path, mod
     if chosen.batch_invariant is not None:  # what /v2/models/{m} tells clients about batch-mates
         metadata["batch_invariance"] = {"invariant": chosen.batch_invariant, "batch_cosine": chosen.batch_cosine,
                                         "required": result.report.budget.get("min_batch_cosine")}
-    return publish(model_dir, files, metadata), notes
+    return publish(model_dir, files, metadata)
 
 
 def retune_source(model_dir: Path, version: int | None = None) -> tuple[Path, SampSettings]:

@@ -88,9 +88,9 @@ def quantize_and_publish(checkpoint: Checkpoint, records: list[dict], settings: 
         else:
             samp = Samp(checkpoint, records, settings, workdir=Path(work), progress=progress)
         result = samp.run()
-        version, notes = publish_result(samp, result, repo, model)
+        version = publish_result(samp, result, repo, model)
     print_table(result.report, console)
-    for note in [*result.report.notes, *notes]:
+    for note in result.report.notes:
         console.print(f"note: {escape(note)}")
     console.print(result.report.verdict)
     console.print(f"published {version}")

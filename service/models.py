@@ -136,9 +136,9 @@ class GenerationVersion:
     @property
     def runtime(self) -> RuntimeInfo:
         """Generation runs its decoder graph on onnxruntime (the KV-cache step loop)."""
-        running = self.engine.graph.session.get_providers()
-        device = "cpu" if running[0] == "CPUExecutionProvider" else f"cuda ({running[0]})"
-        return RuntimeInfo("onnxruntime", device, "onnxruntime_onnx", {"providers": " > ".join(running)})
+        from service.runtimes.onnxruntime import session_info
+
+        return session_info(self.engine.graph.session)
 
     def wedged(self, max_hung_calls: int) -> bool:
         """The engine's step loop stopped on a bug while the version is served."""

@@ -103,19 +103,23 @@ def open_session(path: Path, threads: int | None = None, spinning: bool = True,
                                 disabled_optimizers=list(disabled_optimizers) or None)
 
 
+def session_info(session: ort.InferenceSession) -> RuntimeInfo:
+    """What runs a session: its providers in order, the device of the first."""
+    from service.runtimes import RuntimeInfo
+
+    running = session.get_providers()
+    device = "cpu" if running[0] == "CPUExecutionProvider" else f"cuda ({running[0]})"
+    return RuntimeInfo("onnxruntime", device, "onnxruntime_onnx", {"providers": " > ".join(running)})
+
+
 class OnnxRuntime:
     def __init__(self, path: Path, threads: int | None = None, spinning: bool = True,
                  disabled_optimizers: Sequence[str] = (), providers: ProviderList | None = None) -> None:
-        from service.runtimes import RuntimeInfo
-
         self.disabled_optimizers = tuple(disabled_optimizers)
         self.session = open_session(path, threads, spinning, self.disabled_optimizers, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
-        running = self.session.get_providers()
-        device = "cpu" if running[0] == "CPUExecutionProvider" else f"cuda ({running[0]})"
-        self.info: RuntimeInfo = RuntimeInfo("onnxruntime", device, "onnxruntime_onnx",
-                                             {"providers": " > ".join(running)})
+        self.info: RuntimeInfo = session_info(self.session)
 
     @classmethod
     def from_spec(cls, spec: RuntimeSpec) -> OnnxRuntime:

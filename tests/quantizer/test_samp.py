@@ -55,7 +55,7 @@ def test_report_holds_extremes_and_a_verified_plan(classifier_run):
 
 def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(classifier_run, tmp_path, topics_data):
     samp, result = classifier_run
-    version, _ = publish_result(samp, result, tmp_path / "repo", "topics")
+    version = publish_result(samp, result, tmp_path / "repo", "topics")
     assert version.name == "1" and list_versions(tmp_path / "repo/topics") == [1]
     manifest = verify(version)
     assert {"model.onnx", "tokenizer.json", "head.json", "samp_report.json", "samp_report.png"} <= set(manifest.files)
@@ -97,7 +97,7 @@ def test_publish_writes_a_verified_version_and_the_torch_module_is_a_drop_in(cla
     assert by_text.shape == (2, len(labels))
 
     # publishing again makes version 2 beside version 1
-    assert publish_result(samp, result, tmp_path / "repo", "topics")[0].name == "2"
+    assert publish_result(samp, result, tmp_path / "repo", "topics").name == "2"
 
 
 def test_the_default_plan_is_batch_invariant_and_measured_so(classifier_run):
@@ -142,7 +142,7 @@ def test_a_form_outside_the_tolerance_is_refused_unless_the_user_relaxes_it(tiny
     chosen = next(c for c in relaxed.report.candidates if c.name == "samp")
     assert not relaxed.report.verdict.startswith("No INT8 form keeps") and "not required" in relaxed.report.verdict
     assert any("not required" in note for note in relaxed.report.notes)
-    version, _ = publish_result(samp, relaxed, tmp_path / "repo", "emb")
+    version = publish_result(samp, relaxed, tmp_path / "repo", "emb")
     invariance = verify(version).metadata["batch_invariance"]
     assert invariance["required"] is None and invariance["batch_cosine"] == chosen.batch_cosine  # shown to clients
 
