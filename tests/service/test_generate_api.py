@@ -61,6 +61,9 @@ def test_generation_metadata_and_infer_refused(generation_server, generation_mod
     assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
     assert meta["outputs"][0]["name"] == "text_output"
     assert meta["parameters"]["task"] == "generation" and meta["parameters"]["max_model_len"] == 2048
+    assert meta["platform"] == "onnxruntime_onnx"  # what runs the decoder graph, as encoders say it too
+    assert (meta["parameters"]["runtime"], meta["parameters"]["device"]) == ("onnxruntime", "cpu")
+    assert meta["parameters"]["providers"] == "CPUExecutionProvider"
     infer = http.post(f"/v2/models/{generation_model}/infer",
                       json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]})
     assert infer.status_code == 400 and "generate" in infer.json()["error"]
