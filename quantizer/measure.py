@@ -122,3 +122,28 @@ class TaskEval:
     def cosine_to_reference(self, outputs: np.ndarray, reference: np.ndarray) -> float:
         """Mean cosine of each output row to its FP32 row (embeddings); 1.0 for identical."""
         return float(cosine_rows(outputs, reference).mean())
+
+
+def metric_name(task: str, matching_metric: str) -> str:
+    """The task metric a SAMP report names: accuracy, or a matching metric."""
+    if task == "classification":
+        return "accuracy"
+    return "retrieval_acc@1" if matching_metric == "retrieval" else "spearman_vs_fp32"
+
+
+def keeps_budget(fp32_metric: float, metric: float, cosine: float | None, max_drop: float,
+                 min_cosine: float | None) -> bool:
+    """A plan's metric within ``max_drop`` of FP32's (and, for embeddings, its mean cosine to FP32 at least
+    ``min_cosine``)."""
+    ok = fp32_metric - metric <= max_drop + 1e-12
+    if min_cosine is not None and cosine is not None:
+        ok = ok and cosine >= min_cosine
+    return ok
+
+
+def batch_invariance(alone: np.ndarray, together: np.ndarray, task: str, min_batch_cosine: float) -> tuple[float, bool]:
+    """The lowest cosine between each input's output alone and inside a batch, and whether that meets
+    ``min_batch_cosine`` (classification also needs the same top-1)."""
+    cosine = float(cosine_rows(alone, together).min())
+    same_top1 = task != "classification" or bool((alone.argmax(-1) == together.argmax(-1)).all())
+    return cosine, cosine >= min_batch_cosine and same_top1

@@ -23,7 +23,7 @@ from rich.progress import Progress
 from quantizer.data import build_data
 from quantizer.engines import ort_session
 from quantizer.export import ExportInfo, export_onnx
-from quantizer.measure import cosine_rows, run_batched, session_runner, torch_runner
+from quantizer.measure import batch_invariance, keeps_budget, metric_name, run_batched, session_runner, torch_runner
 from quantizer.quantize import apply_plan
 from quantizer.schemas import DEFAULT_BATCH_COSINE, Candidate, SampReport, SampResult, SampSettings
 from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
@@ -164,12 +164,9 @@ class Samp:
         if path in self._batch_checks:  # the all-INT8 graph is checked when choosing the form and as a candidate
             return self._batch_checks[path]
         run = session_runner(self.session(path))
-        alone, together = run_batched(run, self.data.alone), run_batched(run, self.data.together)
-        cosine = float(cosine_rows(alone, together).min())
-        same_top1 = self.checkpoint.head.task != "classification" or bool(
-            (alone.argmax(-1) == together.argmax(-1)).all())
-        self._batch_checks[path] = (cosine, cosine >= (self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE)
-                                    and same_top1)
+        self._batch_checks[path] = batch_invariance(
+            run_batched(run, self.data.alone), run_batched(run, self.data.together), self.checkpoint.head.task,
+            self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE)
         return self._batch_checks[path]
 
     def _choose_form(self, everything: frozenset[str], notes: list[str]) -> tuple[str, float, bool]:
@@ -213,10 +210,7 @@ class Samp:
         notes.append(f"fusions at batch {batch}: {why}")
 
     def within_budget(self, metric: float, cosine: float | None, split: str = "dev") -> bool:
-        ok = self.fp32_metric[split] - metric <= self.settings.max_drop + 1e-12
-        if self.settings.min_cosine is not None and cosine is not None:
-            ok = ok and cosine >= self.settings.min_cosine
-        return ok
+        return keeps_budget(self.fp32_metric[split], metric, cosine, self.settings.max_drop, self.settings.min_cosine)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -352,9 +346,7 @@ class Samp:
         return out, torch_ms, overall, timings[big]
 
     def _metric_name(self) -> str:
-        if self.checkpoint.head.task == "classification":
-            return "accuracy"
-        return "retrieval_acc@1" if self.settings.matching_metric == "retrieval" else "spearman_vs_fp32"
+        return metric_name(self.checkpoint.head.task, self.settings.matching_metric)
 
     def _step(self, text: str) -> None:
         if self.progress is not None:

@@ -34,8 +34,8 @@ from rich.progress import Progress
 
 from quantizer.data import SampData, build_data
 from quantizer.export import input_names_for
-from quantizer.measure import cosine_rows, run_batched
-from quantizer.schemas import DEFAULT_BATCH_COSINE, SampSettings
+from quantizer.measure import batch_invariance, keeps_budget, metric_name, run_batched
+from quantizer.schemas import DEFAULT_BATCH_COSINE, MeasuredPlan, SampSettings
 from quantizer.search import Plan, UnitMeasurement, back_off, frontier, plan_from, prefer_all_int8, search
 from quantizer.timing import Quietness, Timing, TimingPolicy, clearly_faster, combine, measure, paired_ratio
 from service.provenance import host_info
@@ -75,14 +75,8 @@ class TorchSampSettings(BaseModel):
                             matching_metric=self.matching_metric, latency_batches=self.latency_batches)
 
 
-class TorchCandidate(BaseModel):
-    name: str
+class TorchCandidate(MeasuredPlan):
     dtype: TorchDtype
-    int8: list[str]
-    quantization_rate: float
-    dev_metric: float
-    test_metric: float | None = None
-    dev_cosine: float | None = None
     batch_cosine: float
     batch_invariant: bool
     latency_ms: dict[int, float]
@@ -188,18 +182,12 @@ class TorchSamp:
         return self._score(run_batched(run, evaluation.feeds), split)
 
     def within_budget(self, metric: float, cosine: float | None, split: str = "dev") -> bool:
-        ok = self.fp32_metric[split] - metric <= self.settings.max_drop + 1e-12
-        if self.settings.min_cosine is not None and cosine is not None:
-            ok = ok and cosine >= self.settings.min_cosine
-        return ok
+        return keeps_budget(self.fp32_metric[split], metric, cosine, self.settings.max_drop, self.settings.min_cosine)
 
     def batch_check(self, dtype: str, int8: frozenset[str]) -> tuple[float, bool]:
         run = self.runner(self.model(dtype, int8), DTYPES[dtype]).run
-        alone, together = run_batched(run, self.data.alone), run_batched(run, self.data.together)
-        cosine = float(cosine_rows(alone, together).min())
-        same_top1 = self.checkpoint.head.task != "classification" or bool(
-            (alone.argmax(-1) == together.argmax(-1)).all())
-        return cosine, cosine >= (self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE) and same_top1
+        return batch_invariance(run_batched(run, self.data.alone), run_batched(run, self.data.together),
+                                self.checkpoint.head.task, self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE)
 
     def time_plans(self, plans: dict[str, tuple[str, frozenset[str]]], batch: int
                    ) -> tuple[dict[str, Timing], Quietness]:
@@ -371,9 +359,7 @@ class TorchSamp:
         return out, eager, overall, timings[big]
 
     def _metric_name(self) -> str:
-        if self.checkpoint.head.task == "classification":
-            return "accuracy"
-        return "retrieval_acc@1" if self.settings.matching_metric == "retrieval" else "spearman_vs_fp32"
+        return metric_name(self.checkpoint.head.task, self.settings.matching_metric)
 
     def _step(self, text: str) -> None:
         if self.progress is not None:

@@ -50,14 +50,19 @@ class SampSettings(BaseModel):
         "retrieval accuracy@1 (text_a <-> text_b among the split's pairs, both directions; needs text_b).")
 
 
-class Candidate(BaseModel):
+class MeasuredPlan(BaseModel):
+    """What every SAMP candidate records, for the ONNX and the PyTorch plan alike."""
+
     name: str
-    mode: str
     int8: list[str]
     quantization_rate: float
     dev_metric: float
     test_metric: float | None = None
     dev_cosine: float | None = None
+
+
+class Candidate(MeasuredPlan):
+    mode: str
     latency_ms: dict[int, float]
     """Median milliseconds per batch size, timed interleaved with every other candidate and PyTorch eager."""
     latency_spread: dict[int, float] | None = None
