@@ -45,7 +45,7 @@ def prepare(out: Path, records: int) -> None:
     """The bundled all-MiniLM-L6-v2 imported into our format, its weights stored in FP16 (loaded back
     into FP32 there: parity compares against CPU FP32 of those same weights), and real sentences."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from training.checkpoint import WEIGHTS_FILE
     from training.data.gettext_topics import load_gettext_topics
@@ -56,8 +56,6 @@ def prepare(out: Path, records: int) -> None:
     if not checkpoint.exists():
         import_checkpoint(bundled_minilm_dir(), checkpoint)
     weights = checkpoint / WEIGHTS_FILE
-    from safetensors.torch import load_file
-
     tensors = load_file(str(weights))
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}, str(weights))
     texts = [r["text"] for r in load_gettext_topics(max_per_topic=None, seed=0) if 6 <= len(r["text"].split()) <= 60]

@@ -145,9 +145,9 @@ class TorchSamp:
         self.reference = {"dev": run_batched(reference.run, self.data.dev.feeds),
                           "test": run_batched(reference.run, self.data.test.feeds)}
         self.fp32_metric = {s: self._score(self.reference[s], s)[0] for s in ("dev", "test")}
-        self.is_embedding = checkpoint.head.task == "matching"
         self._models: dict[tuple[str, frozenset[str]], torch.nn.Module] = {}
         self._fp16: torch.nn.Module | None = None
+        self._batch_checks: dict[tuple[str, frozenset[str]], tuple[float, bool]] = {}
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -185,6 +185,12 @@ class TorchSamp:
         return keeps_budget(self.fp32_metric[split], metric, cosine, self.settings.max_drop, self.settings.min_cosine)
 
     def batch_check(self, dtype: str, int8: frozenset[str]) -> tuple[float, bool]:
+        """Checked once per plan: all-INT8 is checked before the search and again as a candidate."""
+        if (dtype, int8) not in self._batch_checks:
+            self._batch_checks[(dtype, int8)] = self._batch_check(dtype, int8)
+        return self._batch_checks[(dtype, int8)]
+
+    def _batch_check(self, dtype: str, int8: frozenset[str]) -> tuple[float, bool]:
         run = self.runner(self.model(dtype, int8), DTYPES[dtype]).run
         return batch_invariance(run_batched(run, self.data.alone), run_batched(run, self.data.together),
                                 self.checkpoint.head.task, self.settings.min_batch_cosine or DEFAULT_BATCH_COSINE)
